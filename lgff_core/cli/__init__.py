@@ -1,0 +1,68 @@
+"""`lgff` command line: one sub-command per pipeline stage, each a thin call into lgff_core.
+
+Every stage module under `lgff_core.cli` exposes ``register(subparsers)``; it adds its parser(s) and sets
+``func(args) -> int | None`` as the default. Errors caused by bad input (`LGFFError`) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ..errors import LGFFError
+
+# sub-command modules, in the order they appear in --help
+COMMAND_MODULES = ("models", "prep", "data", "train", "embed", "index", "evaluate", "report", "pipeline", "demo")
+
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = False, default: str | None = None) -> None:
+    """--config FILE|PRESET and repeated --set key=value (shared by every command that takes a config)."""
+    parser.add_argument("--config", required=required, default=default,
+                        help="YAML config file or preset name from configs/ (e.g. lgffem_cpu)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+
+
+def load_args_config(args: argparse.Namespace):
+    from ..config import load_config
+
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", None) or [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lgff", description="LGFF histopathology retrieval pipeline")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.register(sub)
+    return parser
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        code = args.func(args)
+    except LGFFError as exc:
+        print(f"lgff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lgff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""`lgff evaluate`: placeholder until its issue lands (registers nothing)."""
+
+
+def register(subparsers) -> None:
+    pass

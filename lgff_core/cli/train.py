@@ -1,0 +1,5 @@
+"""`lgff train`: placeholder until its issue lands (registers nothing)."""
+
+
+def register(subparsers) -> None:
+    pass

