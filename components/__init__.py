@@ -1,0 +1,30 @@
+"""kfp v2 components: one per pipeline stage, each a thin typed wrapper around one `lgff` command.
+
+Every component runs ``lgff_core.cli.main([...])`` (via `lgff_core.pipeline_runtime.run_cli`), the same code path
+as the shell, in the project image (`LGFF_IMAGE`; the pipeline may override it per task from
+``pipeline.image``). Nothing is pip-installed at run time: ``install_kfp_package=False`` and no
+``packages_to_install``; the image already holds kfp and lgff_core. Parameters are primitives; datasets, models,
+embeddings and indexes are artifacts whose data is read/written at their URI; small facts (row counts, digests,
+metrics) go to ``.metadata``.
+"""
+from ._image import LGFF_IMAGE
+from .embed import collect_embeddings, embed
+from .evaluate import evaluate
+from .index import index_add, index_build, index_merge, index_train
+from .prep import prep
+from .report import report
+from .train import train
+
+__all__ = [
+    "LGFF_IMAGE",
+    "prep",
+    "train",
+    "embed",
+    "collect_embeddings",
+    "index_build",
+    "index_train",
+    "index_add",
+    "index_merge",
+    "evaluate",
+    "report",
+]

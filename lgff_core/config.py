@@ -83,6 +83,11 @@ class ModelConfig:
     dropout: float = 0.0
     # detection only: number of classes including background
     num_classes: int = 2
+    # detection only: Mask R-CNN's GeneralizedRCNNTransform resizes the shorter side to det_min_size (longer <= max)
+    det_min_size: int = 800
+    det_max_size: int = 1333
+    # GeM exponent of the no-neck baseline (frozen backbone + GeM on its last level; fixed, not learned)
+    baseline_gem_p: float = 3.0
 
 
 @dataclass
@@ -148,6 +153,8 @@ class DataConfig:
     # tile / crop size for the real sample sets built by `lgff prep samples`
     tile_size: int = 224
     crop_size: int = 64
+    # image check during prep: "fast" (JPEG/PNG structure + end marker, catches truncation) or "decode" (full decode)
+    check: str = "fast"
 
 
 @dataclass
@@ -157,7 +164,10 @@ class EmbedConfig:
     # "auto" = on where the CPU/GPU supports it (CUDA, or CPUs with AMX / AVX-512 BF16), bool to force
     channels_last: Union[bool, str] = "auto"
     bf16: Union[bool, str] = "auto"
+    # input size in pixels; None = the backbone's default (data_config input_size, 224 for the CPU default)
     image_size: Optional[int] = None
+    # "auto" = cuda when present, else cpu
+    device: str = "auto"
 
 
 @dataclass
@@ -181,6 +191,12 @@ class EvaluateConfig:
     query_split: str = "test"
     database_split: str = "train"
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # neighbours per query when evaluating through an index; None = rank the whole database (full mAP)
+    k: Optional[int] = None
+    # majority vote cut-off (mMV@k, SISH / RetCCL report k=5)
+    mv_k: int = 5
+    # also drop database rows from the query's group (scan / slide): leakage-free numbers
+    exclude_same_group: bool = False
 
 
 @dataclass
@@ -196,6 +212,31 @@ class PipelineConfig:
     s3_secret: str = "lgff-s3-credentials"
     gpu_node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     enable_caching: bool = True
+    # GPU stages (train, embed): extended resource name, count per task, and the taint they tolerate
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_count: int = 1
+    gpu_toleration_key: str = "nvidia.com/gpu"
+    # retries of every task (transient pod / object-store failures); backoff doubles from this many seconds
+    retries: int = 2
+    retry_backoff_s: int = 30
+    # per-stage container resources: {stage: {cpu_request, cpu_limit, memory_request, memory_limit}}
+    resources: dict[str, dict[str, str]] = field(default_factory=lambda: {
+        "prep": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi"},
+        "train": {"cpu_request": "4", "cpu_limit": "8", "memory_request": "16Gi", "memory_limit": "24Gi"},
+        "embed": {"cpu_request": "4", "cpu_limit": "8", "memory_request": "8Gi", "memory_limit": "16Gi"},
+        "index": {"cpu_request": "2", "cpu_limit": "4", "memory_request": "8Gi", "memory_limit": "16Gi"},
+        "evaluate": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "4Gi", "memory_limit": "8Gi"},
+        "report": {"cpu_request": "500m", "cpu_limit": "1", "memory_request": "1Gi", "memory_limit": "2Gi"},
+    })
+    # max concurrent embed shards (ParallelFor parallelism); 0 = all at once
+    embed_parallelism: int = 2
+    # reindex pipeline: evaluate the new index (needs labelled test/train splits in the new data)
+    reindex_evaluate: bool = True
+    # cluster: stages read / write artifacts at their s3:// (minio://) URI through lgff_core.storage instead of the
+    # launcher's local copies (sets LGFF_DIRECT_ARTIFACT_IO=1 on every task; no effect on local paths)
+    direct_artifact_io: bool = True
+    # S3-compatible endpoint for the tasks (e.g. http://lgff-minio.lgff-dev:9000); None = AWS default
+    s3_endpoint: Optional[str] = None
 
 
 @dataclass
@@ -317,6 +358,7 @@ _CHOICES = {
     "model.neck": ("lgffn_e", "lgffn_d", "bifpn"),
     "model.upsample": ("convtranspose", "bilinear"),
     "data.on_error": ("fail", "skip"),
+    "data.check": ("fast", "decode"),
     "index.metric": ("ip", "l2"),
     "evaluate.protocol": ("test-vs-train", "leave-one-out"),
 }

@@ -1,5 +1,81 @@
-"""`lgff embed`: placeholder until its issue lands (registers nothing)."""
+"""`lgff embed`: embeddings Parquet of a dataset with a trained model or the GeM baseline (lgff_core.embed).
+
+  lgff embed --model CHECKPOINT_URI --data DATA --out EMB [--shard I/N]     one output shard per input shard
+  lgff embed --baseline [gem-last] --data DATA --out EMB                    frozen backbone + GeM, no checkpoint
+  lgff embed finalize --data DATA --out EMB                                 publish the manifest (all shards done)
+  lgff embed collect PART_URI... --out EMB                                  join --shard outputs from N prefixes
+
+Shards already embedded (same input shard, same model and settings) are skipped, so a killed run resumes.
+With --shard I/N writing to one --out, the job that completes the last shard publishes the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import add_config_args, load_args_config
+from .index import parse_shard
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("embed", help="embed a dataset (model checkpoint or GeM baseline)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint URI (a training run's best/ prefix)")
+    p.add_argument("--baseline", nargs="?", const="gem-last", choices=("gem-last",),
+                   help="embed with the frozen backbone + GeM on its last level instead of a model")
+    p.add_argument("--data", help="dataset URI")
+    p.add_argument("--out", help="embeddings URI (prefix)")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+                   help="embed only the contiguous block I of N of the input shards")
+    p.add_argument("--weights", help="override model.backbone.weights for --baseline (e.g. none)")
+    add_config_args(p)
+    p.set_defaults(func=_embed)
+    # `finalize` / `collect` are positional actions; plain `lgff embed --data ...` stays the main form
+    p.add_argument("action", nargs="?", choices=("finalize", "collect"), help=argparse.SUPPRESS)
+    p.add_argument("parts", nargs="*", help=argparse.SUPPRESS)
+
+
+def _embed(args) -> int:
+    from ..errors import LGFFError
+
+    if args.action == "collect":
+        from ..embed import collect_embeddings
+
+        if not args.parts or not args.out:
+            raise LGFFError("usage: lgff embed collect PART_URI... --out URI")
+        m = collect_embeddings(args.parts, args.out)
+        print(f"collected {len(m['shards'])} shards, {m['num_rows']} embeddings -> {args.out}")
+        return 0
+    if not args.data or not args.out:
+        raise LGFFError("--data and --out are required")
+    if args.action == "finalize":
+        from ..embed import finalize_embeddings
+
+        m = finalize_embeddings(args.out, args.data)
+        print(f"manifest: {m['num_rows']} embeddings in {len(m['shards'])} shards -> {args.out}")
+        return 0
+    if args.parts:
+        raise LGFFError(f"unexpected arguments: {' '.join(args.parts)}")
+    if bool(args.model) == bool(args.baseline):
+        raise LGFFError("give exactly one of --model CHECKPOINT_URI or --baseline gem-last")
+
+    from tqdm import tqdm
+
+    from ..data.shards import read_manifest, shard_subset
+    from ..embed import embed_dataset, load_embedder
+
+    cfg = load_args_config(args)
+    manifest = read_manifest(args.data)
+    block = shard_subset(manifest.num_shards, *args.shard)
+    total = sum(manifest.shards[i].num_rows for i in block)
+    embedder = load_embedder(args.model, cfg, args.baseline, weights=args.weights)
+    with tqdm(total=total, unit="img", desc=f"embed {args.shard[0]}/{args.shard[1]}", file=sys.stderr,
+              disable=None) as bar:
+        summary = embed_dataset(args.model, args.data, args.out, cfg, args.baseline, args.shard,
+                                embedder=embedder, progress=bar.update)
+    speed = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
+    print(f"{summary['model']}: embedded {len(summary['embedded'])} shard(s) ({summary['rows']} images{speed}), "
+          f"skipped {len(summary['skipped'])} already done; "
+          + ("manifest published" if summary["published"] else "manifest not yet published (shards missing)")
+          + f" -> {args.out}")
+    return 0

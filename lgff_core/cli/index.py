@@ -1,5 +1,157 @@
-"""`lgff index`: placeholder until its issue lands (registers nothing)."""
+"""`lgff index build|train|add|merge|search`: faiss index over an embeddings set (lgff_core.index).
+
+One shot:  lgff index build --embeddings E --out IDX [--factory Flat] [--split train]
+Sharded:   lgff index train --embeddings E --factory IVF1024,Flat --out T
+           lgff index add --trained T --embeddings E --shard I/N --out P_I      (N independent jobs)
+           lgff index merge --trained T --partials P_0 ... P_N-1 --out IDX
+Search:    lgff index search --index IDX --queries E --k 10 --out N.parquet [--exclude-self] [--exclude-same-group]
+           [--query-split test]   (--k all = the full ranking)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import add_config_args, load_args_config
+from ..errors import LGFFError
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def parse_k(text: str):
+    if text == "all":
+        return "all"
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k {text!r}: expected a positive integer or 'all'") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--k {text!r}: must be >= 1")
+    return k
+
+
+def _splits(value):
+    if value is None:
+        return None
+    parts = [s for s in value.split(",") if s]
+    return parts[0] if len(parts) == 1 else parts
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("index", help="build / train / add / merge / search a faiss index",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    sub.required = True
+
+    b = sub.add_parser("build", help="one-shot index over an embeddings set")
+    b.add_argument("--embeddings", required=True, help="embeddings URI (from `lgff embed`)")
+    b.add_argument("--out", required=True, help="index URI (prefix)")
+    b.add_argument("--factory", help="faiss index_factory string (default: config index.factory)")
+    b.add_argument("--metric", choices=("ip", "l2"), help="default: config index.metric")
+    b.add_argument("--split", help="only rows of these split(s), comma-separated (default: all rows)")
+    b.add_argument("--train-sample", type=int, help="vectors used to train quantizers (default: config)")
+    add_config_args(b)
+    b.set_defaults(func=_build)
+
+    t = sub.add_parser("train", help="train an empty index on a sample (sharded builds)")
+    t.add_argument("--embeddings", required=True)
+    t.add_argument("--out", required=True, help="trained-index URI (prefix)")
+    t.add_argument("--factory")
+    t.add_argument("--metric", choices=("ip", "l2"))
+    t.add_argument("--split")
+    t.add_argument("--train-sample", type=int)
+    add_config_args(t)
+    t.set_defaults(func=_train)
+
+    a = sub.add_parser("add", help="partial index over embeddings shard block I of N")
+    a.add_argument("--trained", required=True, help="URI written by `lgff index train`")
+    a.add_argument("--embeddings", required=True)
+    a.add_argument("--shard", required=True, type=parse_shard, metavar="I/N")
+    a.add_argument("--out", required=True, help="partial-index URI (prefix)")
+    a.add_argument("--split", help="default: the split the index was trained for")
+    a.set_defaults(func=_add)
+
+    m = sub.add_parser("merge", help="merge N partial indexes into the final index")
+    m.add_argument("--trained", required=True)
+    m.add_argument("--partials", required=True, nargs="+", help="URIs written by `lgff index add` (all N)")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=_merge)
+
+    s = sub.add_parser("search", help="k nearest neighbours of query embeddings -> neighbours Parquet")
+    s.add_argument("--index", required=True)
+    s.add_argument("--queries", required=True, help="embeddings URI of the queries")
+    s.add_argument("--k", type=parse_k, help="neighbours per query, or 'all' (default: config index.k)")
+    s.add_argument("--out", required=True, help="neighbours Parquet URI")
+    s.add_argument("--query-split", help="only query rows of this split (e.g. test)")
+    s.add_argument("--exclude-self", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop the database item with the query's sample_id (leave-one-out; "
+                        "default: config index.exclude_self)")
+    s.add_argument("--exclude-same-group", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop database items from the query's group (scan / slide)")
+    s.add_argument("--nprobe", type=int)
+    s.add_argument("--ef-search", type=int)
+    add_config_args(s)
+    s.set_defaults(func=_search)
+
+
+def _build(args) -> int:
+    from ..index import build_from_embeddings
+
+    cfg = load_args_config(args)
+    meta = build_from_embeddings(args.embeddings, args.out, args.factory or cfg.index.factory,
+                                 args.metric or cfg.index.metric, _splits(args.split),
+                                 args.train_sample if args.train_sample is not None else cfg.index.train_sample,
+                                 cfg.seed)
+    print(f"index {meta['factory']} with {meta['ntotal']} vectors of dimension {meta['d']} -> {args.out}")
+    return 0
+
+
+def _train(args) -> int:
+    from ..index import train_from_embeddings
+
+    cfg = load_args_config(args)
+    meta = train_from_embeddings(args.embeddings, args.out, args.factory or cfg.index.factory,
+                                 args.metric or cfg.index.metric, _splits(args.split),
+                                 args.train_sample if args.train_sample is not None else cfg.index.train_sample,
+                                 cfg.seed)
+    print(f"trained {meta['factory']} on {meta['trained_on']} vectors -> {args.out}")
+    return 0
+
+
+def _add(args) -> int:
+    from ..index import add_from_embeddings
+
+    meta = add_from_embeddings(args.trained, args.embeddings, args.out, args.shard, _splits(args.split))
+    print(f"partial {args.shard[0]}/{args.shard[1]}: {meta['ntotal']} vectors -> {args.out}")
+    return 0
+
+
+def _merge(args) -> int:
+    from ..index import merge_partials
+
+    meta = merge_partials(args.trained, args.partials, args.out)
+    print(f"merged {meta['merged_from']} partials: {meta['ntotal']} vectors -> {args.out}")
+    return 0
+
+
+def _search(args) -> int:
+    from ..index import search_to_parquet
+
+    cfg = load_args_config(args)
+    k = cfg.index.k if args.k is None else (None if args.k == "all" else args.k)
+    exclude_self = cfg.index.exclude_self if args.exclude_self is None else args.exclude_self
+    exclude_group = cfg.index.exclude_same_group if args.exclude_same_group is None else args.exclude_same_group
+    out = search_to_parquet(args.index, args.queries, args.out, k, query_split=args.query_split,
+                            exclude_self=exclude_self, exclude_same_group=exclude_group,
+                            nprobe=args.nprobe if args.nprobe is not None else cfg.index.nprobe,
+                            ef_search=args.ef_search if args.ef_search is not None else cfg.index.ef_search)
+    print(f"{out['n_queries']} queries, k={out['k'] or 'all'} -> {args.out}")
+    return 0

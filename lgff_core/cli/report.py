@@ -1,5 +1,29 @@
-"""`lgff report`: placeholder until its issue lands (registers nothing)."""
+"""`lgff report`: one self-contained HTML + Markdown comparing evaluated runs, model vs baseline (lgff_core.report).
+
+  lgff report --metrics model/metrics.json baseline/metrics.json --out REPORT_DIR
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import add_config_args
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("report", help="HTML + Markdown report (model vs baseline, charts, example queries)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--metrics", required=True, nargs="+", action="extend",
+                   help="metrics JSON URIs from `lgff evaluate` (or directories holding metrics.json); repeatable")
+    p.add_argument("--out", required=True, help="report directory (report.html, report.md, figures/) or a .html path")
+    p.add_argument("--title", default="LGFF retrieval report")
+    p.add_argument("--examples", type=int, default=6, help="example queries shown per run")
+    add_config_args(p)
+    p.set_defaults(func=_report)
+
+
+def _report(args) -> int:
+    from ..report import write_report
+
+    out = write_report(args.metrics, args.out, title=args.title, n_query_examples=args.examples)
+    print(f"report ({len(out['figures'])} figures, baseline: {out['baseline'] or 'none'}) -> {out['html']}")
+    return 0

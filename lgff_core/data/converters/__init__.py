@@ -1,0 +1,1 @@
+"""Source layouts -> Parquet shard datasets (each also `lgff prep <name>`)."""

@@ -1,0 +1,329 @@
+"""Embed a shard dataset with a trained LGFF model (or the GeM baseline): one embeddings shard per input shard.
+
+Input: a dataset prefix (DESIGN.md section 4). Output: an embeddings set (`lgff_core.embeddings`): for input shard
+``part-NNNNN.parquet`` the output shard has the same name and the same rows in the same order, with the
+descriptor (B, D) float32 L2-normalised (D = 4C = 2048 for LGFFN-E with C = 512; the backbone's last-level channels
+for the baseline).
+
+Resumable and parallel: ``shard=(i, n)`` embeds the contiguous block i of n of the input shards (faiss contrib
+``(nsplit, rank)`` style). Each output shard is written atomically, then a small done marker
+``_done/part-NNNNN.json`` (rows, sha256, input shard sha256, model fingerprint). A rerun skips shards whose marker
+matches the input shard and the model fingerprint, so a killed run resumes where it stopped.
+Publishing: the manifest is written by whichever run finds every input shard done (so with N jobs writing to one
+prefix, the last to finish publishes it). When the N jobs write to N different prefixes (one kfp artifact each),
+`collect_embeddings` (``lgff embed collect PART... --out URI``) copies the shards into one prefix and writes the
+manifest; ``lgff embed finalize --out URI --data URI`` re-checks and publishes explicitly.
+
+Speed (DESIGN.md section 5): batched, `torch.inference_mode`, channels-last memory format and bf16 autocast when
+``embed.channels_last`` / ``embed.bf16`` are true, or "auto" and the device supports them (CUDA; or a CPU with
+AMX / AVX-512 BF16). bf16 output is cast to float32 and re-normalised. Memory: one batch of images plus one
+input shard's embeddings (n_rows x D float32), independent of the dataset size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import storage
+from .config import LGFFConfig
+from .embeddings import (DONE_DIR, embeddings_to_table, read_embeddings_manifest, write_embeddings_manifest,
+                         write_embeddings_shard)
+from .errors import DataError, LGFFError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BASELINES",
+    "cpu_supports_bf16",
+    "resolve_speed_options",
+    "Embedder",
+    "load_embedder",
+    "embed_images",
+    "embed_dataset",
+    "finalize_embeddings",
+    "collect_embeddings",
+]
+
+# `--baseline NAME` -> what it is; the name recorded in manifests and metrics starts with "baseline"
+BASELINES = {"gem-last": "baseline-gem-last"}
+META_COLUMNS = ["sample_id", "label", "label_name", "group", "split"]
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix / dot-product instructions (AMX-BF16 or AVX-512 BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return "AMX" in cap or "BF16" in cap
+
+
+def _resolve(setting, device: torch.device, name: str) -> bool:
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise LGFFError(f"embed.{name}={setting!r}: expected true, false or auto")
+    return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
+
+
+def resolve_speed_options(cfg: LGFFConfig, device: torch.device) -> dict:
+    """``{"channels_last": bool, "bf16": bool}`` from the config ("auto" decided for `device`)."""
+    return {"channels_last": _resolve(cfg.embed.channels_last, device, "channels_last"),
+            "bf16": _resolve(cfg.embed.bf16, device, "bf16")}
+
+
+@dataclasses.dataclass
+class Embedder:
+    """A ready-to-run embedding model with what the outputs must record about it."""
+
+    model: torch.nn.Module
+    name: str  # recorded as "model" in manifests / metrics ("baseline-..." for baselines)
+    fingerprint: str  # changes whenever the embeddings would change
+    image_size: int
+    data_config: dict
+    device: torch.device
+    channels_last: bool
+    bf16: bool
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.embedding_dim)
+
+
+def _device(cfg: LGFFConfig) -> torch.device:
+    want = cfg.embed.device
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(want)
+
+
+def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[str] = None,
+                  device: Optional[torch.device] = None, weights: Optional[str] = None) -> Embedder:
+    """The LGFF model from a checkpoint prefix, or (``baseline="gem-last"``) the frozen backbone + GeM."""
+    device = device or _device(cfg)
+    if baseline is not None:
+        from .models import build_baseline
+
+        if baseline not in BASELINES:
+            raise LGFFError(f"--baseline {baseline!r}: known baselines are {', '.join(BASELINES)}")
+        model = build_baseline(cfg, weights=weights)
+        name = BASELINES[baseline]
+        ident = {"baseline": baseline, "backbone": cfg.model.backbone.name,
+                 "weights_hash": model.backbone.weights_hash, "gem_p": cfg.model.baseline_gem_p}
+    else:
+        if not model_uri:
+            raise LGFFError("embed needs --model CHECKPOINT_URI or --baseline gem-last")
+        from .train.checkpoint import load_model_from_checkpoint
+
+        model, meta = load_model_from_checkpoint(model_uri, device="cpu")
+        name = meta.get("name") or str(model_uri).rstrip("/")
+        ident = {"checkpoint": str(model_uri), "files": meta.get("files"), "epoch": meta.get("epoch")}
+    model.eval().to(device)
+    speed = resolve_speed_options(cfg, device)
+    if speed["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    data_config = dict(model.backbone.data_config)
+    image_size = cfg.embed.image_size or int(data_config["input_size"][-1])
+    ident.update(image_size=image_size, **speed)
+    fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    logger.info("embedding with %s (dim %d, %d px, channels_last=%s, bf16=%s, %s)", name, model.embedding_dim,
+                image_size, speed["channels_last"], speed["bf16"], device)
+    return Embedder(model, name, fingerprint, image_size, data_config, device, **speed)
+
+
+def embed_images(embedder: Embedder, images: torch.Tensor) -> np.ndarray:
+    """(B, 3, S, S) normalised images -> (B, D) float32 L2-normalised descriptors."""
+    x = images.to(embedder.device, non_blocking=True)
+    if embedder.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(embedder.device.type, dtype=torch.bfloat16, enabled=embedder.bf16):
+        out = embedder.model(x)
+    out = torch.nn.functional.normalize(out.float(), dim=1)
+    return out.cpu().numpy()
+
+
+def _marker_uri(out_uri: str, name: str) -> str:
+    return storage.join(out_uri, DONE_DIR, name.replace(".parquet", ".json"))
+
+
+def _read_marker(out_uri: str, name: str) -> Optional[dict]:
+    uri = _marker_uri(out_uri, name)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_text(uri))
+    except json.JSONDecodeError:
+        return None  # a corrupt marker means "not done"
+
+
+def _embed_shard(embedder: Embedder, data_uri: str, manifest, si: int, batch_size: int, num_workers: int,
+                 progress: Optional[Callable[[int], None]]) -> tuple:
+    """(metadata table, (n, D) embeddings) of input shard `si`, rows in the shard's order."""
+    from torch.utils.data import DataLoader
+
+    from .data.dataset import ShardedImageDataset
+    from .data.shards import read_table
+    from .data.transforms import eval_transform
+
+    meta = read_table(data_uri, columns=META_COLUMNS, shards=[si], manifest=manifest)
+    n = meta.num_rows
+    offset = manifest.shard_offsets()[si]
+    xb = np.zeros((n, embedder.dim), dtype=np.float32)
+    filled = np.zeros(n, dtype=bool)
+    ds = ShardedImageDataset(data_uri, transform=eval_transform(embedder.data_config, embedder.image_size),
+                             shards=[si])
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=lambda rows: (torch.stack([r["image"] for r in rows]),
+                                                 np.array([r["index"] for r in rows], dtype=np.int64)))
+    for images, index in loader:
+        rows = index - offset
+        if rows.min() < 0 or rows.max() >= n:
+            raise DataError(f"{manifest.shard_uri(si)}: reader returned row {int(index.max())} outside the shard")
+        xb[rows] = embed_images(embedder, images)
+        filled[rows] = True
+        if progress is not None:
+            progress(len(rows))
+    if not filled.all():
+        raise DataError(f"{manifest.shard_uri(si)}: {int((~filled).sum())} row(s) were not read")
+    return meta, xb
+
+
+def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LGFFConfig,
+                  baseline: Optional[str] = None, shard: tuple[int, int] = (0, 1), *,
+                  embedder: Optional[Embedder] = None, progress: Optional[Callable[[int], None]] = None,
+                  publish: bool = True) -> dict:
+    """Embed input-shard block ``shard=(i, n)`` of `data_uri` into `out_uri`; skip shards already done.
+
+    Returns a summary: shards embedded / skipped, rows, seconds, images/s, and whether the manifest was published.
+    `progress(n_images)` is called after each batch (the CLI passes a tqdm update).
+    """
+    from .data.shards import read_manifest, shard_subset
+
+    manifest = read_manifest(data_uri)
+    if manifest.kind not in ("images", "coco"):
+        raise DataError(f"{data_uri}: dataset kind {manifest.kind!r} has no images to embed")
+    try:
+        block = shard_subset(manifest.num_shards, *shard)
+    except ValueError as exc:
+        raise LGFFError(f"--shard {shard[0]}/{shard[1]}: {exc}") from None
+    embedder = embedder or load_embedder(model_uri, cfg, baseline)
+    done, skipped, rows, seconds = [], [], 0, 0.0
+    for si in block:
+        info = manifest.shards[si]
+        marker = _read_marker(out_uri, info.name)
+        if (marker and marker.get("input_sha256") == info.sha256 and marker.get("fingerprint") == embedder.fingerprint
+                and storage.exists(storage.join(out_uri, info.name))):
+            logger.info("%s: already embedded, skipping", info.name)
+            skipped.append(info.name)
+            if progress is not None:
+                progress(info.num_rows)
+            continue
+        t0 = time.perf_counter()
+        meta, xb = _embed_shard(embedder, data_uri, manifest, si, cfg.embed.batch_size, cfg.embed.num_workers,
+                                progress)
+        dt = time.perf_counter() - t0
+        table = embeddings_to_table(meta.column("sample_id").to_pylist(), meta.column("label").to_numpy(),
+                                    meta.column("label_name").to_pylist(), meta.column("group").to_pylist(),
+                                    meta.column("split").to_pylist(), xb)
+        written = write_embeddings_shard(storage.join(out_uri, info.name), table)
+        marker = {"name": info.name, **written, "input_sha256": info.sha256, "fingerprint": embedder.fingerprint,
+                  "model": embedder.name, "dim": embedder.dim, "shard_index": si,
+                  "source": str(data_uri).rstrip("/"), "source_shards": manifest.num_shards}
+        storage.write_text(_marker_uri(out_uri, info.name), json.dumps(marker, indent=1, sort_keys=True))
+        logger.info("%s: %d rows in %.1f s (%.1f img/s)", info.name, info.num_rows, dt, info.num_rows / max(dt, 1e-9))
+        done.append(info.name)
+        rows += info.num_rows
+        seconds += dt
+    published = False
+    if publish:
+        published = finalize_embeddings(out_uri, data_uri, fingerprint=embedder.fingerprint, required=False) is not None
+    return {"embedded": done, "skipped": skipped, "rows": rows, "seconds": seconds,
+            "images_per_s": rows / seconds if seconds else None, "published": published, "model": embedder.name,
+            "dim": embedder.dim, "bf16": embedder.bf16, "channels_last": embedder.channels_last}
+
+
+def _manifest_from_markers(out_uri: str, markers: Sequence[dict], data_manifest, data_uri: str) -> dict:
+    fps = {m["fingerprint"] for m in markers}
+    if len(fps) != 1:
+        raise DataError(f"{out_uri}: shards were embedded with {len(fps)} different models/settings; re-embed")
+    shards = [{"name": m["name"], "num_rows": m["num_rows"], "sha256": m["sha256"]} for m in markers]
+    return write_embeddings_manifest(
+        out_uri, shards, markers[0]["dim"], data_manifest.label_names,
+        model=markers[0]["model"], model_fingerprint=markers[0]["fingerprint"], source=str(data_uri).rstrip("/"),
+        source_fingerprint=data_manifest.source_fingerprint,
+        is_baseline=str(markers[0]["model"]).startswith("baseline"))
+
+
+def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] = None,
+                        required: bool = True) -> Optional[dict]:
+    """Write the manifest when every input shard of `data_uri` has a matching done marker in `out_uri`.
+
+    Returns the manifest, or None (``required=False``) / `DataError` (``required=True``) when shards are missing.
+    """
+    from .data.shards import read_manifest
+
+    manifest = read_manifest(data_uri)
+    markers, missing = [], []
+    for info in manifest.shards:
+        m = _read_marker(out_uri, info.name)
+        if not m or m.get("input_sha256") != info.sha256 or (fingerprint and m.get("fingerprint") != fingerprint):
+            missing.append(info.name)
+        else:
+            markers.append(m)
+    if missing:
+        if required:
+            raise DataError(f"{out_uri}: {len(missing)} of {manifest.num_shards} shard(s) not embedded yet, "
+                            f"e.g. {missing[:3]}")
+        logger.info("%s: %d shard(s) still missing; manifest not written yet", out_uri, len(missing))
+        return None
+    out = _manifest_from_markers(out_uri, markers, manifest, data_uri)
+    logger.info("%s: manifest written (%d rows, %d shards)", out_uri, out["num_rows"], len(markers))
+    return out
+
+
+def collect_embeddings(part_uris: Iterable[str], out_uri: str) -> dict:
+    """Join shard outputs written to separate prefixes (one per `embed --shard` job) into `out_uri` + manifest."""
+    from .data.shards import read_manifest
+
+    found: dict[str, tuple[str, dict]] = {}
+    for part in part_uris:
+        for uri in storage.list_files(storage.join(part, DONE_DIR)):
+            if not uri.endswith(".json"):
+                continue
+            m = json.loads(storage.read_text(uri))
+            found.setdefault(m["name"], (part, m))
+    if not found:
+        raise DataError(f"no embedded shards under {list(part_uris)}")
+    sources = {m["source"] for _, m in found.values()}
+    if len(sources) != 1:
+        raise DataError(f"parts were embedded from different datasets: {sorted(sources)}")
+    data_uri = sources.pop()
+    manifest = read_manifest(data_uri)
+    missing = [s.name for s in manifest.shards if s.name not in found]
+    if missing:
+        raise DataError(f"{len(missing)} of {manifest.num_shards} shard(s) missing from the parts, e.g. {missing[:3]}")
+    markers = []
+    for info in manifest.shards:
+        part, m = found[info.name]
+        if m["input_sha256"] != info.sha256:
+            raise DataError(f"{part}/{info.name} was embedded from a different version of {data_uri}/{info.name}")
+        if str(part).rstrip("/") != str(out_uri).rstrip("/"):
+            data = storage.read_bytes(storage.join(part, info.name))
+            if hashlib.sha256(data).hexdigest() != m["sha256"]:
+                raise DataError(f"{part}/{info.name}: sha256 differs from its done marker")
+            storage.write_bytes(storage.join(out_uri, info.name), data)
+            storage.write_text(_marker_uri(out_uri, info.name), json.dumps(m, indent=1, sort_keys=True))
+        markers.append(m)
+    return _manifest_from_markers(out_uri, markers, manifest, data_uri)

@@ -1,0 +1,489 @@
+"""Retrieval metrics: plain functions over numpy arrays of neighbour labels / ids.
+
+Notation (faiss style): ``nq`` queries, ``k`` neighbours per query, ``I`` (nq, k) database positions of the neighbours
+in ranking order, ``D`` (nq, k) their scores. Functions here take the *labels* of those neighbours,
+``neighbor_labels`` (nq, k) int, and the queries' labels ``query_labels`` (nq,) int.
+
+Ranking order is whatever the caller passes; `lgff_core.index` produces it with a deterministic tie-break
+(score descending, then database position ascending), and `full_ranking` below uses the same rule.
+
+Kimia Path24 (Babaie et al. 2017; Shafiei et al.; Yang et al.):
+    eta_p   = (correct top-1) / n_queries
+    eta_w   = mean over classes c that have >= 1 query of (correct top-1 in c) / (queries in c)
+    eta_tot = eta_p * eta_w
+Classes without queries ("empty classes") are listed in the per-class table with ``n_queries = 0`` and
+``accuracy = None`` and do not enter eta_w.
+
+Recall@k   = fraction of queries with at least one neighbour of the query's label among the top k (a "hit").
+Precision@k = mean over queries of (neighbours of the query's label among the top k) / k.
+mMV@k (majority vote, as reported by SISH / RetCCL) = fraction of queries whose majority label among the top k
+    equals the query label; a tie in vote counts goes to the tied label ranked highest (closest neighbour).
+AP (full ranking) = (1 / R) * sum over ranks r (1-based) holding a relevant item of precision@r, where R is the
+    number of relevant items (same label) in the database after exclusions (self / same group). mAP = mean AP.
+    "Full ranking" means every database item that survives the exclusions is ranked; when only the top k are
+    known, the same sum truncated at k with the full R in the denominator is reported as ``map_at_k`` (it equals
+    mAP exactly when k covers every relevant item).
+
+Revisited Oxford / Paris (Radenovic et al., CVPR 2018): per query the ground truth has 'easy', 'hard' and 'junk'
+database indices. Easy: positives = easy, ignored = junk + hard. Medium: positives = easy + hard, ignored = junk.
+Hard: positives = hard, ignored = junk + easy. Ignored items are removed from the ranking before AP is computed;
+AP uses the trapezoidal precision of the revisitop protocol; queries without positives are skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "check_query_labels",
+    "top1_correct",
+    "kimia_eta",
+    "recall_at_k",
+    "precision_at_k",
+    "majority_vote_at_k",
+    "average_precision",
+    "mean_average_precision",
+    "per_class_table",
+    "full_ranking",
+    "retrieval_metrics",
+    "revisited_average_precision",
+    "revisited_map",
+]
+
+
+def _as_2d_labels(neighbor_labels: np.ndarray) -> np.ndarray:
+    nl = np.asarray(neighbor_labels)
+    if nl.ndim != 2:
+        raise DataError(f"neighbor labels must be (n_queries, k), got shape {nl.shape}")
+    return nl
+
+
+def check_query_labels(query_labels: np.ndarray, database_labels: np.ndarray, query_ids: Optional[Sequence] = None) -> None:
+    """Raise `DataError` when a query's label does not occur in the database (its metrics would be undefined)."""
+    known = np.unique(np.asarray(database_labels))
+    ql = np.asarray(query_labels)
+    bad = ~np.isin(ql, known)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        who = f"query {query_ids[first]!r}" if query_ids is not None else f"query row {first}"
+        raise DataError(
+            f"{int(bad.sum())} query(ies) have labels unknown to the database, e.g. {who} with label "
+            f"{int(ql[first])}; database labels: {known.tolist()[:20]}"
+        )
+
+
+def top1_correct(query_labels: np.ndarray, neighbor_labels: np.ndarray) -> np.ndarray:
+    """(nq,) bool: the first neighbour has the query's label."""
+    nl = _as_2d_labels(neighbor_labels)
+    if nl.shape[1] < 1:
+        raise DataError("need at least one neighbour per query")
+    return nl[:, 0] == np.asarray(query_labels)
+
+
+def kimia_eta(query_labels: np.ndarray, neighbor_labels: np.ndarray) -> dict:
+    """eta_p, eta_w, eta_tot (fractions in [0, 1]) of the Kimia Path24 family."""
+    ql = np.asarray(query_labels)
+    correct = top1_correct(ql, neighbor_labels)
+    eta_p = float(correct.mean()) if len(ql) else float("nan")
+    classes = np.unique(ql)
+    per_class = [float(correct[ql == c].mean()) for c in classes]
+    eta_w = float(np.mean(per_class)) if per_class else float("nan")
+    return {"eta_p": eta_p, "eta_w": eta_w, "eta_tot": eta_p * eta_w}
+
+
+def recall_at_k(query_labels: np.ndarray, neighbor_labels: np.ndarray, k: int) -> float:
+    nl = _check_k(neighbor_labels, k)
+    hits = (nl[:, :k] == np.asarray(query_labels)[:, None]).any(axis=1)
+    return float(hits.mean())
+
+
+def precision_at_k(query_labels: np.ndarray, neighbor_labels: np.ndarray, k: int) -> float:
+    nl = _check_k(neighbor_labels, k)
+    rel = nl[:, :k] == np.asarray(query_labels)[:, None]
+    return float(rel.mean(axis=1).mean())
+
+
+def _check_k(neighbor_labels: np.ndarray, k: int) -> np.ndarray:
+    nl = _as_2d_labels(neighbor_labels)
+    if k < 1 or k > nl.shape[1]:
+        raise DataError(f"k={k} but only {nl.shape[1]} neighbours per query are available")
+    return nl
+
+
+def majority_vote_at_k(query_labels: np.ndarray, neighbor_labels: np.ndarray, k: int = 5) -> float:
+    """mMV@k; ties in the vote go to the tied label that appears first in the ranking."""
+    nl = _check_k(neighbor_labels, k)[:, :k]
+    ql = np.asarray(query_labels)
+    correct = np.empty(len(ql), dtype=bool)
+    for q, row in enumerate(nl):
+        labels, first_pos, counts = np.unique(row, return_index=True, return_counts=True)
+        best = np.lexsort((first_pos, -counts))[0]  # most votes, then earliest rank
+        correct[q] = labels[best] == ql[q]
+    return float(correct.mean())
+
+
+def average_precision(relevant: np.ndarray, num_relevant: Optional[int] = None) -> float:
+    """AP of one ranking. `relevant` (n,) bool in ranking order; `num_relevant` = R (default: relevant.sum()).
+
+    Returns nan when R == 0 (the query has no relevant item; callers exclude it and say so).
+    """
+    rel = np.asarray(relevant, dtype=bool)
+    R = int(rel.sum()) if num_relevant is None else int(num_relevant)
+    if R == 0:
+        return float("nan")
+    hit_ranks = np.flatnonzero(rel) + 1  # 1-based ranks of relevant items
+    precisions = np.arange(1, len(hit_ranks) + 1) / hit_ranks
+    return float(precisions.sum() / R)
+
+
+def mean_average_precision(relevant: np.ndarray, num_relevant: Optional[np.ndarray] = None) -> float:
+    """Mean AP over queries with R > 0; `relevant` (nq, n) bool, `num_relevant` (nq,) or None."""
+    rel = np.asarray(relevant, dtype=bool)
+    R = rel.sum(axis=1) if num_relevant is None else np.asarray(num_relevant)
+    aps = np.array([average_precision(rel[q], R[q]) for q in range(rel.shape[0])])
+    valid = ~np.isnan(aps)
+    if not valid.any():
+        return float("nan")
+    return float(aps[valid].mean())
+
+
+def per_class_table(query_labels: np.ndarray, neighbor_labels: np.ndarray,
+                    label_names: Optional[Sequence[str]] = None) -> list[dict]:
+    """One row per class: label, name, n_queries, n_correct (top-1), accuracy (None when n_queries == 0)."""
+    ql = np.asarray(query_labels)
+    correct = top1_correct(ql, neighbor_labels)
+    labels = set(np.unique(ql).tolist())
+    if label_names is not None:
+        labels |= set(range(len(label_names)))
+    rows = []
+    for c in sorted(labels):
+        mask = ql == c
+        n = int(mask.sum())
+        rows.append({
+            "label": int(c),
+            "name": (label_names[c] if label_names is not None and 0 <= c < len(label_names) else str(c)),
+            "n_queries": n,
+            "n_correct": int(correct[mask].sum()),
+            "accuracy": float(correct[mask].mean()) if n else None,
+        })
+    return rows
+
+
+def full_ranking(xq: np.ndarray, xb: np.ndarray, exclude: Optional[np.ndarray] = None,
+                 block: int = 1024) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
+    """Exact inner-product ranking of the whole database for each query, in blocks of queries.
+
+    Yields ``(q0, I, D)`` with I (nb_q, nb) database positions sorted by score descending then position
+    ascending (the deterministic tie-break). ``exclude`` (nq, nb) bool marks items to drop (self / same group);
+    they are moved to the end with I = -1 so every row keeps length nb.
+    """
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    nb = xb.shape[0]
+    positions = np.arange(nb)
+    for q0 in range(0, xq.shape[0], block):
+        S = xq[q0:q0 + block] @ xb.T
+        if exclude is not None:
+            S = np.where(exclude[q0:q0 + block], -np.inf, S)
+        # lexsort: last key is primary -> (-score, position)
+        order = np.lexsort((np.broadcast_to(positions, S.shape), -S), axis=1)
+        D = np.take_along_axis(S, order, axis=1)
+        I = np.where(np.isneginf(D), -1, order)
+        yield q0, I, D
+
+
+def retrieval_metrics(query_labels: np.ndarray, neighbor_labels: np.ndarray, *,
+                      num_relevant: Optional[np.ndarray] = None, full_ranking: bool = False,
+                      ks: Sequence[int] = (1, 5, 10), label_names: Optional[Sequence[str]] = None,
+                      mv_k: int = 5) -> dict:
+    """All list-based metrics for one protocol. Values are fractions in [0, 1].
+
+    `num_relevant` (nq,): relevant database items per query after exclusions; needed for mAP.
+    `full_ranking`: the neighbour lists rank every candidate database item, so ``map`` is reported;
+    otherwise ``map_at_k``. Padded neighbours (label -1, rows shorter than the widest) never count as relevant.
+    """
+    ql = np.asarray(query_labels)
+    nl = _as_2d_labels(neighbor_labels)
+    if nl.shape[0] != len(ql):
+        raise DataError(f"{len(ql)} query labels but {nl.shape[0]} neighbour rows")
+    k_avail = nl.shape[1]
+    out: dict = {"n_queries": int(len(ql)), "k": int(k_avail)}
+    out.update(kimia_eta(ql, nl))
+    for k in ks:
+        if k <= k_avail:
+            out[f"recall@{k}"] = recall_at_k(ql, nl, k)
+            out[f"precision@{k}"] = precision_at_k(ql, nl, k)
+        else:
+            logger.warning("recall@%d / precision@%d skipped: only %d neighbours per query", k, k, k_avail)
+    if mv_k <= k_avail:
+        out[f"mmv@{mv_k}"] = majority_vote_at_k(ql, nl, mv_k)
+    if num_relevant is not None:
+        rel = nl == ql[:, None]
+        m = mean_average_precision(rel, num_relevant)
+        out["map" if full_ranking else f"map_at_{k_avail}"] = m
+        n_empty = int((np.asarray(num_relevant) == 0).sum())
+        if n_empty:
+            out["map_queries_without_relevant"] = n_empty
+    out["per_class"] = per_class_table(ql, nl, label_names)
+    return out
+
+
+# ------------------------------------------------------------------------------------ revisited Oxford / Paris
+
+
+def revisited_average_precision(ranks: np.ndarray, positives: Sequence[int], junk: Sequence[int]) -> float:
+    """Revisitop AP of one query. `ranks` (nb,) database indices in ranking order; junk items are skipped.
+
+    With the positives found at (junk-free, 0-based) ranks r_0 < r_1 < ..., the precision is interpolated
+    trapezoidally between the rank before and at each hit: sum_j (j / r_j + (j+1) / (r_j + 1)) / 2 / n_pos,
+    with j / r_j taken as 1 when r_j = 0.
+    """
+    pos = np.asarray(positives, dtype=np.int64)
+    if len(pos) == 0:
+        return float("nan")
+    ranks = np.asarray(ranks)
+    keep = ~np.isin(ranks, np.asarray(junk, dtype=np.int64))
+    clean = ranks[keep]
+    hit_ranks = np.flatnonzero(np.isin(clean, pos)).astype(np.float64)
+    j = np.arange(len(hit_ranks), dtype=np.float64)
+    prec_before = np.where(hit_ranks == 0, 1.0, j / np.maximum(hit_ranks, 1))
+    prec_at = (j + 1) / (hit_ranks + 1)
+    return float(((prec_before + prec_at) / 2).sum() / len(pos))
+
+
+def _precision_at_ks(ranks: np.ndarray, positives, junk, ks) -> list[float]:
+    ranks = np.asarray(ranks)
+    clean = ranks[~np.isin(ranks, np.asarray(junk, dtype=np.int64))]
+    rel = np.isin(clean, np.asarray(positives, dtype=np.int64))
+    return [float(rel[:k].sum() / k) for k in ks]
+
+
+def revisited_map(ranks: np.ndarray, gnd: Sequence[dict], ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """mAP and mP@k for Easy / Medium / Hard. `ranks` (nq, nb) database indices per query in ranking order;
+    `gnd[q]` has 'easy', 'hard', 'junk' lists of database indices (revisitop ``gnd_*.pkl`` layout)."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[0] != len(gnd):
+        raise DataError(f"ranks must be (n_queries={len(gnd)}, n_database), got shape {ranks.shape}")
+    setups = {
+        "easy": lambda g: (g["easy"], list(g["junk"]) + list(g["hard"])),
+        "medium": lambda g: (list(g["easy"]) + list(g["hard"]), g["junk"]),
+        "hard": lambda g: (g["hard"], list(g["junk"]) + list(g["easy"])),
+    }
+    out = {}
+    for name, split in setups.items():
+        aps, pks = [], []
+        for q, g in enumerate(gnd):
+            for key in ("easy", "hard", "junk"):
+                if key not in g:
+                    raise DataError(f"gnd[{q}] has no {key!r} list")
+            positives, junk = split(g)
+            if len(positives) == 0:
+                continue
+            aps.append(revisited_average_precision(ranks[q], positives, junk))
+            pks.append(_precision_at_ks(ranks[q], positives, junk, ks))
+        out[name] = {
+            "map": float(np.mean(aps)) if aps else float("nan"),
+            "n_queries": len(aps),
+            **{f"mp@{k}": float(np.mean([p[i] for p in pks])) if pks else float("nan") for i, k in enumerate(ks)},
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------ stages (CLI / kfp)
+
+PROTOCOLS = ("test-vs-train", "leave-one-out")
+
+
+def _padded(lists: list, fill, dtype) -> np.ndarray:
+    width = max((len(r) for r in lists), default=0)
+    out = np.full((len(lists), width), fill, dtype=dtype)
+    for q, row in enumerate(lists):
+        out[q, :len(row)] = row
+    return out
+
+
+def metrics_from_neighbours(table, meta: dict, protocol: str, ks: Sequence[int] = (1, 5, 10), mv_k: int = 5,
+                            model: Optional[str] = None) -> dict:
+    """Metrics JSON (a dict) from a neighbours table (`lgff_core.index.search_neighbours` layout)."""
+    if protocol not in PROTOCOLS:
+        raise DataError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    where = meta.get("uri", "neighbours")
+    cols = table.to_pydict()
+    qids = cols["sample_id"]
+    ql = np.asarray(cols["label"], dtype=np.int64)
+    if len(ql) == 0:
+        raise DataError(f"{where}: no queries")
+    for q, (qid, nids) in enumerate(zip(qids, cols["neighbor_ids"])):
+        if qid in nids:
+            raise DataError(f"{where}: query {qid!r} (row {q}) is among its own neighbours: the database holds the "
+                            f"queries; for {protocol} search with --exclude-self"
+                            + (" or against the train split" if protocol == "test-vs-train" else ""))
+    if meta.get("database_labels") is not None:
+        check_query_labels(ql, np.asarray(meta["database_labels"]), qids)
+    nl = _padded(cols["neighbor_labels"], -1, np.int64)
+    if nl.shape[1] == 0:
+        raise DataError(f"{where}: the neighbour lists are empty")
+    num_relevant = np.asarray(cols["num_relevant"]) if "num_relevant" in cols else None
+    full = bool(meta.get("full_ranking")) or (
+        "num_candidates" in cols and all(len(r) >= c for r, c in zip(cols["neighbor_ids"], cols["num_candidates"])))
+    label_names = meta.get("label_names") or None
+    m = retrieval_metrics(ql, nl, num_relevant=num_relevant, full_ranking=full, ks=ks, label_names=label_names,
+                          mv_k=mv_k)
+    per_class = m.pop("per_class")
+    model = model or meta.get("model") or "unknown"
+    return {
+        "kind": "retrieval",
+        "model": model,
+        "is_baseline": str(model).startswith("baseline"),
+        "protocol": protocol,
+        "full_ranking": full,
+        "exclude_self": meta.get("exclude_self"),
+        "exclude_same_group": meta.get("exclude_same_group"),
+        "query_split": meta.get("query_split"),
+        "n_queries": int(len(ql)),
+        "database_size": meta.get("database_size"),
+        "database_split": meta.get("database_split"),
+        "metrics": m,
+        "per_class": per_class,
+        "neighbors": meta.get("uri"),
+        "embeddings": meta.get("embeddings"),
+        "queries": meta.get("queries"),
+        "index": meta.get("index"),
+        "dataset": meta.get("dataset"),
+    }
+
+
+def evaluate_neighbours(neighbours_uri: str, protocol: str, ks: Sequence[int] = (1, 5, 10), mv_k: int = 5,
+                        model: Optional[str] = None) -> dict:
+    """`lgff evaluate retrieval --neighbors URI`."""
+    from .index import read_neighbours
+
+    table, meta = read_neighbours(neighbours_uri)
+    return metrics_from_neighbours(table, meta, protocol, ks, mv_k, model)
+
+
+def evaluate_embeddings(embeddings_uri: str, protocol: str, *, index_uri: Optional[str] = None,
+                        query_split: str = "test", database_split: str = "train", k: Optional[int] = None,
+                        exclude_same_group: bool = False, ks: Sequence[int] = (1, 5, 10), mv_k: int = 5,
+                        model: Optional[str] = None, neighbours_out: Optional[str] = None) -> dict:
+    """`lgff evaluate retrieval --embeddings URI [--index URI]`: search, then the metrics.
+
+    test-vs-train: queries = `query_split` rows, database = `database_split` rows.
+    leave-one-out: queries = database = `query_split` rows, each query's own row excluded.
+    Without `index_uri` the database is searched exactly (Flat inner product). With it, the index's rows outside
+    the protocol's database split are excluded from the results (exactly, see `index.search_neighbours`).
+    ``k=None`` ranks the whole database, which full mAP needs.
+    """
+    from . import index as ix
+    from .embeddings import read_embeddings
+
+    if protocol not in PROTOCOLS:
+        raise DataError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    emb = read_embeddings(embeddings_uri)
+    queries = emb.with_split(query_split)
+    db_split = query_split if protocol == "leave-one-out" else database_split
+    if len(queries) == 0:
+        raise DataError(f"{embeddings_uri}: no queries (split {query_split!r}); splits present: "
+                        f"{sorted(set(emb.splits.tolist()))}")
+    if index_uri is None:
+        database = emb.with_split(db_split)
+        if len(database) == 0:
+            raise DataError(f"{embeddings_uri}: no database rows (split {db_split!r}); splits present: "
+                            f"{sorted(set(emb.splits.tolist()))}")
+        bundle = ix.IndexBundle(ix.build_index(database.xb, "Flat"), ix.idmap_table(database),
+                                {"metric": "ip", "uri": None, "embeddings": str(embeddings_uri),
+                                 "label_names": emb.label_names})
+    else:
+        bundle = ix.load_index(index_uri)
+    check_query_labels(queries.labels, bundle.labels[np.isin(bundle.splits, [db_split])], queries.ids)
+    table = ix.search_neighbours(bundle, queries, k, exclude_self=protocol == "leave-one-out",
+                                 exclude_same_group=exclude_same_group, database_split=db_split)
+    meta = json.loads(table.schema.metadata[b"lgff"])
+    meta["query_split"] = query_split
+    meta["embeddings"] = str(embeddings_uri)
+    if neighbours_out:
+        meta["uri"] = str(neighbours_out)
+        ix.write_neighbours(table.replace_schema_metadata({"lgff": json.dumps(meta)}), neighbours_out)
+    else:
+        meta["uri"] = None
+    return metrics_from_neighbours(table, meta, protocol, ks, mv_k, model)
+
+
+def _match_names(names: Sequence[str], ids: np.ndarray, what: str) -> np.ndarray:
+    """Row index in `ids` of each name (exact sample_id, or sample_id without a file extension)."""
+    lookup = {}
+    for row, sid in enumerate(ids):
+        lookup.setdefault(str(sid), row)
+        lookup.setdefault(str(sid).rsplit(".", 1)[0], row)
+    missing = [n for n in names if n not in lookup]
+    if missing:
+        raise DataError(f"{len(missing)} {what} name(s) from the ground truth have no embedding, e.g. {missing[:3]}")
+    return np.array([lookup[n] for n in names], dtype=np.int64)
+
+
+def evaluate_roxford(gnd_uri: str, embeddings_uri: str, queries_uri: Optional[str] = None,
+                     ks: Sequence[int] = (1, 5, 10), model: Optional[str] = None) -> dict:
+    """`lgff evaluate roxford`: revisited Oxford / Paris mAP (Easy / Medium / Hard) from embeddings.
+
+    The ground truth is the revisitop ``gnd_*.pkl`` (a pickle: only load files you trust) with 'imlist',
+    'qimlist' and 'gnd'. Database rows are matched to 'imlist' names and query rows to 'qimlist' names by
+    sample_id (with or without file extension); the ranking is the exact inner-product full ranking.
+    """
+    import pickle
+
+    from . import storage
+    from .embeddings import read_embeddings
+
+    try:
+        cfg = pickle.loads(storage.read_bytes(gnd_uri))
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
+        raise DataError(f"{gnd_uri}: not a revisitop gnd pickle ({exc})") from None
+    for key in ("imlist", "qimlist", "gnd"):
+        if key not in cfg:
+            raise DataError(f"{gnd_uri}: no {key!r} key (has {sorted(cfg)[:10]})")
+    if len(cfg["gnd"]) != len(cfg["qimlist"]):
+        raise DataError(f"{gnd_uri}: {len(cfg['gnd'])} gnd entries for {len(cfg['qimlist'])} queries")
+    db = read_embeddings(embeddings_uri)
+    qs = read_embeddings(queries_uri) if queries_uri else db
+    xb = db.xb[_match_names(cfg["imlist"], db.ids, "database")]
+    xq = qs.xb[_match_names(cfg["qimlist"], qs.ids, "query")]
+    xb = xb / np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    ranks = np.concatenate([I for _, I, _ in full_ranking(xq, xb)])
+    result = revisited_map(ranks, cfg["gnd"], ks)
+    model = model or db.meta.get("model") or "unknown"
+    return {"kind": "revisited", "model": model, "is_baseline": str(model).startswith("baseline"),
+            "gnd": str(gnd_uri), "embeddings": str(embeddings_uri), "queries": str(queries_uri or embeddings_uri),
+            "n_queries": len(cfg["qimlist"]), "database_size": len(cfg["imlist"]), "metrics": result}
+
+
+def write_metrics(result: dict, out_uri: str) -> None:
+    from . import storage
+
+    storage.write_text(out_uri, json.dumps(_no_nan(result), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _no_nan(o):
+    """NaN (undefined metric, e.g. mAP with no relevant items) -> null, so the file is strict JSON."""
+    if isinstance(o, dict):
+        return {k: _no_nan(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_no_nan(v) for v in o]
+    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
+        return None
+    return o
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,382 @@
+"""Run, compile, submit and schedule the kfp pipelines (``pipelines/``) built from an `LGFFConfig`.
+
+Local path (the embedded default, DESIGN.md section 6): `run_local` executes the pipeline with ``kfp.local`` and the
+``SubprocessRunner(use_venv=False)``: every task is a subprocess of this venv's Python running the component body,
+which calls ``lgff_core.cli.main`` exactly as the shell does. Nothing is installed at run time (components are
+built with ``install_kfp_package=False``).
+
+Caching: kfp 2.17's ``kfp.local`` has a file-backed task cache (``enable_caching=True``; entries under
+``<pipeline_root>/.kfp_cache``). A task's key is sha256(component name, image, command, its input values, and for
+input artifacts their URI + metadata). Every artifact our components write is materialised as a file or directory
+(a missing artifact path makes kfp.local treat the entry as a miss) and carries a content digest in its metadata.
+Because a cached task returns the *original* output URIs, an identical second run is all cache hits, and changing
+one stage's inputs (e.g. its config slice, see `lgff_core.pipeline_config`) reruns that task and only the tasks
+downstream of it.
+
+Cluster path: `compile_pipeline` writes the pipeline YAML (GPU requests, node selector, tolerations and the S3
+Secret reference live in its platform spec; kfp.local ignores that part); `submit` / `schedule` hand it to
+``kfp.Client`` (``create_run_from_pipeline_package`` / ``create_recurring_run``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from .config import LGFFConfig, config_to_dict
+from .errors import LGFFError
+
+__all__ = [
+    "PipelineError",
+    "TaskRecord",
+    "LocalRunResult",
+    "pipeline_names",
+    "build",
+    "run_local",
+    "compile_pipeline",
+    "submit",
+    "schedule",
+]
+
+log = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXECUTING = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+
+
+class PipelineError(LGFFError):
+    """A pipeline name, argument or run failed; the message names the task and the log file."""
+
+
+@dataclass
+class TaskRecord:
+    task: str  # task name in the DAG (repeats across ParallelFor iterations)
+    display_name: str
+    status: str  # "executed", "cached" or "failed"
+    outputs: dict[str, Any] = field(default_factory=dict)  # output name -> URI (artifact) or value (parameter)
+
+
+@dataclass
+class LocalRunResult:
+    pipeline: str
+    pipeline_root: str
+    log_file: str
+    seconds: float
+    tasks: list[TaskRecord]
+    outputs: dict[str, str]  # pipeline output name -> URI
+    metrics: dict[str, dict[str, Any]]  # evaluate label -> metrics.json contents
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(t.status == "cached" for t in self.tasks)
+
+    @property
+    def executed(self) -> int:
+        return sum(t.status == "executed" for t in self.tasks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "pipeline_root": self.pipeline_root,
+            "log_file": self.log_file,
+            "seconds": round(self.seconds, 2),
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+            "tasks": [t.__dict__ for t in self.tasks],
+        }
+
+
+def pipeline_names() -> list[str]:
+    from pipelines import PIPELINES
+
+    return sorted(PIPELINES)
+
+
+def build(name: str, cfg: LGFFConfig):
+    """The kfp pipeline function `name` built for `cfg`."""
+    from pipelines import PIPELINES
+
+    if name not in PIPELINES:
+        raise PipelineError(f"unknown pipeline {name!r}; pipelines: {', '.join(sorted(PIPELINES))}")
+    return PIPELINES[name](cfg)
+
+
+# ----------------------------------------------------------------------------------------------- local run
+
+
+class _LineTee(io.TextIOBase):
+    """stdout replacement during a local run: every line goes to the log file, and kfp.local's task events
+    (executing / cache hit / finished) are passed to `on_event` for progress display."""
+
+    def __init__(self, log_file: io.TextIOBase, on_event: Callable[[str, str], None]):
+        self._log = log_file
+        self._on_event = on_event
+        self._buf = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if not self._log.closed:  # kfp.local may leave a handler on this stream after the run
+                self._log.write(text)
+            self._buf += text
+            *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            plain = _ANSI.sub("", line)
+            for pattern, event in ((_EXECUTING, "executing"), (_FINISHED, "finished")):
+                m = pattern.search(plain)
+                if m:
+                    self._on_event(event, m.group(1) if event != "finished" else f"{m.group(1)} {m.group(2)}")
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._log.closed:
+            self._log.flush()
+
+
+def _artifact_or_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_artifact_or_value(v) for v in value]
+    uri = getattr(value, "uri", None)
+    return uri if uri is not None else value
+
+
+@contextlib.contextmanager
+def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str, str], None]) -> Iterator[None]:
+    """Record every task kfp.local runs: name, display name, outputs, and whether it ran or was served from the
+    cache (a cached task's artifact URIs point into an earlier run's directory, not this run's). Wraps
+    ``kfp.local.orchestrator.task_executor.execute_single_task`` (kfp 2.17 internals); if that hook is missing the
+    run still works, only the per-task table is empty."""
+    try:
+        from kfp.local.orchestrator import task_executor
+    except ImportError:  # pragma: no cover - other kfp versions
+        yield
+        return
+    original = task_executor.execute_single_task
+    lock = threading.Lock()
+
+    def wrapper(*args, **kwargs):
+        outputs, task_status = original(*args, **kwargs)
+        name = kwargs.get("task_name", "?")
+        spec = kwargs.get("task_spec")
+        display = spec.task_info.name if spec is not None and spec.task_info.name else name
+        run_dir = os.path.join(root, str(kwargs.get("pipeline_resource_name", "")).split("/")[0])
+        uris = {k: _artifact_or_value(v) for k, v in outputs.items()}
+        paths = [u for u in uris.values() if isinstance(u, str) and os.path.isabs(u)]
+        if getattr(task_status, "name", str(task_status)) != "SUCCESS":
+            status = "failed"
+        elif paths and not any(u.startswith(run_dir + os.sep) for u in paths):
+            status = "cached"
+        else:
+            status = "executed"
+        with lock:
+            records.append(TaskRecord(name, display, status, uris))
+        if status == "cached":
+            on_event("cached", display)
+        return outputs, task_status
+
+    task_executor.execute_single_task = wrapper
+    try:
+        yield
+    finally:
+        task_executor.execute_single_task = original
+
+
+def _display_names(func) -> dict[str, str]:
+    """Task name -> display name, over the pipeline's DAG and its sub-DAGs (ParallelFor bodies)."""
+    spec = getattr(func, "pipeline_spec", None)
+    if spec is None:  # pragma: no cover - other kfp versions
+        return {}
+    out = {}
+    dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.WhichOneof("implementation") == "dag"]
+    for dag in dags:
+        for name, task in dag.tasks.items():
+            if task.task_info.name:
+                out[name] = task.task_info.name
+    return out
+
+
+def _read_metrics(uri: str) -> dict[str, Any]:
+    """The metric values of an evaluate output (``metrics.json``: {"model", "metrics": {...}, ...})."""
+    path = Path(uri) / "metrics.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return data.get("metrics", data) if isinstance(data, dict) else {}
+    return {}
+
+
+def run_local(
+    name: str,
+    cfg: LGFFConfig,
+    pipeline_root: Optional[str] = None,
+    arguments: Optional[dict[str, Any]] = None,
+    on_event: Optional[Callable[[str, str], None]] = None,
+) -> LocalRunResult:
+    """Run pipeline `name` with kfp.local (SubprocessRunner, this venv) under a local pipeline root.
+
+    `arguments` are the pipeline's parameters (e.g. ``{"source": "/data/ds"}``). Task output (the components'
+    own logs) goes to ``<pipeline_root>/logs/<pipeline>-<time>.log``; `on_event(kind, task)` is called on
+    "executing" (task name), "cached" (display name) and "finished" ("name STATUS") events for progress display.
+    Raises `PipelineError` on a failed task.
+    """
+    from kfp import local
+
+    root = os.path.abspath(pipeline_root or cfg.pipeline.pipeline_root)
+    if "://" in root or (pipeline_root or cfg.pipeline.pipeline_root).startswith(("s3://", "gs://")):
+        raise PipelineError(f"local runs need a local pipeline root, got {pipeline_root or cfg.pipeline.pipeline_root!r}"
+                            " (use --root DIR; s3:// roots are for cluster runs)")
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    func = build(name, cfg)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    log_path = os.path.join(root, "logs", f"{name}-{stamp}.log")
+    records: list[TaskRecord] = []
+    root_logger = logging.getLogger()
+    saved_logging = (root_logger.level, root_logger.handlers[:])
+
+    display = _display_names(func)
+
+    def event(kind: str, task: str) -> None:
+        if on_event is not None:
+            if kind == "executing":
+                task = display.get(task, task)
+            on_event(kind, task)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root,
+               enable_caching=cfg.pipeline.enable_caching, raise_on_error=True)
+    t0 = time.time()
+    with open(log_path, "w") as log_file, warnings.catch_warnings():
+        # kfp.local warns that the project image is not a python image and that resources / accelerators /
+        # display names have no local effect: both are expected here.
+        warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+        tee = _LineTee(log_file, event)
+        # kfp.local logs some events (cache hits) outside its own logging context: send them to the log file too
+        tee_handler = logging.StreamHandler(tee)
+        tee_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root_logger.handlers[:] = [tee_handler]
+        try:
+            with contextlib.redirect_stdout(tee), _record_tasks(records, root, event):
+                task = func(**(arguments or {}))
+        except Exception as exc:  # kfp raises RuntimeError naming the failed task
+            failed = [r.display_name for r in records if r.status == "failed"]
+            raise PipelineError(f"pipeline {name} failed"
+                                f"{' in task ' + ', '.join(failed) if failed else ''}: {_ANSI.sub('', str(exc))}"
+                                f" (task logs: {log_path})") from None
+        finally:
+            tee.flush()
+            # kfp.local swaps the root logger's handlers per task; with parallel tasks the swaps can interleave
+            # and leave a handler on our (closing) stream: put the caller's logging back as it was
+            root_logger.setLevel(saved_logging[0])
+            root_logger.handlers[:] = saved_logging[1]
+            seconds = time.time() - t0
+    outputs = {k: _artifact_or_value(v) for k, v in (task.outputs or {}).items()}
+    metrics = {}
+    for rec in records:
+        if rec.task.startswith("evaluate") and rec.status != "failed" and "results" in rec.outputs:
+            m = _read_metrics(rec.outputs["results"])
+            label = rec.display_name.removeprefix("evaluate-")
+            if m:
+                metrics[label] = m
+    result = LocalRunResult(name, root, log_path, seconds, records, outputs, metrics)
+    summary = os.path.join(root, "logs", f"{name}-{stamp}.json")
+    with open(summary, "w") as f:
+        json.dump(result.to_json(), f, indent=2, default=str)
+    log.info("pipeline %s: %d task(s) executed, %d cache hit(s) in %.1f s; summary %s", name, result.executed,
+             result.cache_hits, seconds, summary)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- cluster path
+
+
+def compile_pipeline(name: str, cfg: LGFFConfig, out: str | os.PathLike) -> str:
+    """Compile pipeline `name` for `cfg` to a pipeline YAML at `out` (atomically) and return its path."""
+    from kfp import compiler
+
+    func = build(name, cfg)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".lgff-pipeline-", suffix=".yaml", dir=out.parent)
+    os.close(fd)
+    try:
+        compiler.Compiler().compile(func, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return str(out)
+
+
+def _client(host: str, namespace: Optional[str] = None, existing_token: Optional[str] = None):
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace, existing_token=existing_token)
+
+
+def submit(
+    name: str,
+    cfg: LGFFConfig,
+    host: str,
+    experiment: str = "lgff",
+    arguments: Optional[dict[str, Any]] = None,
+    run_name: Optional[str] = None,
+    namespace: Optional[str] = None,
+    client: Any = None,
+) -> str:
+    """Compile and submit one run to the KFP endpoint at `host`; returns the run id."""
+    client = client or _client(host, namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(name, cfg, Path(tmp) / f"{name}.yaml")
+        run = client.create_run_from_pipeline_package(
+            package, arguments=arguments or {}, run_name=run_name, experiment_name=experiment, namespace=namespace,
+            enable_caching=cfg.pipeline.enable_caching)
+    return getattr(run, "run_id", str(run))
+
+
+def schedule(
+    name: str,
+    cfg: LGFFConfig,
+    host: str,
+    cron: str,
+    experiment: str = "lgff",
+    arguments: Optional[dict[str, Any]] = None,
+    job_name: Optional[str] = None,
+    max_concurrency: int = 1,
+    namespace: Optional[str] = None,
+    client: Any = None,
+) -> str:
+    """Create a recurring run (KFP cron: 6 fields, seconds first, e.g. ``0 0 3 * * *``); returns its id."""
+    fields = cron.split()
+    if len(fields) not in (5, 6):
+        raise PipelineError(f"--cron {cron!r}: expected a cron expression with 5 or 6 fields")
+    if len(fields) == 5:  # standard 5-field cron -> KFP's 6-field form (seconds first)
+        cron = "0 " + cron
+    client = client or _client(host, namespace)
+    exp = client.create_experiment(name=experiment, namespace=namespace)
+    exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(name, cfg, Path(tmp) / f"{name}.yaml")
+        job = client.create_recurring_run(
+            experiment_id=exp_id, job_name=job_name or f"{name}-{cfg.name}", cron_expression=cron,
+            max_concurrency=max_concurrency, pipeline_package_path=package, params=arguments or {},
+            enable_caching=cfg.pipeline.enable_caching)
+    return getattr(job, "recurring_run_id", None) or getattr(job, "id", None) or str(job)
+
+
+def config_summary(cfg: LGFFConfig) -> dict[str, Any]:
+    """The pipeline section (for printing)."""
+    return config_to_dict(cfg)["pipeline"]

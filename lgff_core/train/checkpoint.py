@@ -1,0 +1,272 @@
+"""Training checkpoints: safetensors tensors + one JSON sidecar, published sidecar-last.
+
+A checkpoint is a prefix (local directory or object-store prefix) holding
+
+    model.safetensors      trainable weights of the embedding model (stem + neck + head; never the frozen backbone)
+    loss.safetensors       Sub-center ArcFace class weights (optional; only training resumes / --init need them)
+    optimizer.safetensors  optimizer tensors ("state.<param index>.<name>") and RNG states ("rng.torch")  (optional)
+    model.json             the sidecar: config dict, backbone name + weights hash, class names, epoch, metrics,
+                           optimizer scalars / param groups, scheduler state and the sha256 + size of every file above
+
+The sidecar is written last and removed first when a prefix is overwritten, so a prefix with a readable sidecar
+whose listed files match their sha256 is complete; anything else is refused (`CheckpointError`). Only safetensors
+are read: pickled checkpoints (.pt / .pth / .ckpt / .bin / torch zip archives) are refused, nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .. import storage
+from ..errors import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "MODEL_FILE",
+    "LOSS_FILE",
+    "OPTIMIZER_FILE",
+    "SIDECAR_FILE",
+    "save_checkpoint",
+    "read_sidecar",
+    "is_complete",
+    "load_tensors",
+    "copy_checkpoint",
+    "flatten_optimizer_state",
+    "unflatten_optimizer_state",
+    "checkpoint_prefix",
+    "load_model_from_checkpoint",
+    "backbone_weights_id",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "lgff-checkpoint/1"
+MODEL_FILE = "model.safetensors"
+LOSS_FILE = "loss.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+SIDECAR_FILE = "model.json"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar")
+
+
+def _refuse_pickle(uri: str) -> None:
+    if str(uri).lower().endswith(_PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{uri}: pickled PyTorch checkpoints are not loaded (unsafe and not portable); "
+            f"give a checkpoint prefix holding {MODEL_FILE} + {SIDECAR_FILE}")
+
+
+def checkpoint_prefix(uri: str) -> str:
+    """The checkpoint prefix of `uri` (accepts the prefix itself or its model.safetensors / model.json)."""
+    uri = str(uri).rstrip("/")
+    _refuse_pickle(uri)
+    for name in (MODEL_FILE, SIDECAR_FILE):
+        if uri.endswith("/" + name) or uri == name:
+            return uri[: -len(name)].rstrip("/") or "."
+    return uri
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_checkpoint(
+    prefix: str,
+    model_state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    loss_state: Optional[dict[str, torch.Tensor]] = None,
+    optimizer_tensors: Optional[dict[str, torch.Tensor]] = None,
+) -> dict[str, Any]:
+    """Write a checkpoint under `prefix`; the sidecar (meta + file hashes) is published last. Returns the sidecar."""
+    prefix = str(prefix).rstrip("/")
+    sidecar_uri = storage.join(prefix, SIDECAR_FILE)
+    if storage.exists(sidecar_uri):  # mark the prefix incomplete before any tensor file changes
+        storage.delete(sidecar_uri)
+    files: dict[str, dict[str, Any]] = {}
+    for name, tensors in ((MODEL_FILE, model_state), (LOSS_FILE, loss_state), (OPTIMIZER_FILE, optimizer_tensors)):
+        uri = storage.join(prefix, name)
+        if tensors is None:
+            if storage.exists(uri):
+                storage.delete(uri)
+            continue
+        data = st_save(_contiguous(tensors))
+        storage.write_bytes(uri, data)
+        files[name] = {"sha256": _sha256(data), "bytes": len(data)}
+    sidecar = {"format": CHECKPOINT_FORMAT, **meta, "files": files}
+    storage.write_text(sidecar_uri, json.dumps(sidecar, indent=1, sort_keys=True, default=_json_default))
+    log.debug("checkpoint written to %s (%s)", prefix, ", ".join(files))
+    return sidecar
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_sidecar(uri: str) -> dict[str, Any]:
+    """The sidecar of a complete checkpoint (files present with the recorded sizes), else `CheckpointError`."""
+    prefix = checkpoint_prefix(uri)
+    sidecar_uri = storage.join(prefix, SIDECAR_FILE)
+    if not storage.exists(sidecar_uri):
+        pickles = []
+        if storage.is_dir(prefix):
+            pickles = [f for f in storage.list_files(prefix, recursive=False) if f.lower().endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            raise CheckpointError(f"{prefix}: holds pickled checkpoint(s) ({', '.join(map(storage.basename, pickles))}), "
+                                  f"which are not loaded; expected {MODEL_FILE} + {SIDECAR_FILE}")
+        raise CheckpointError(f"{prefix}: no {SIDECAR_FILE}: not a checkpoint, or an incomplete one")
+    try:
+        meta = json.loads(storage.read_text(sidecar_uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{sidecar_uri}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{sidecar_uri}: not an LGFF checkpoint sidecar (format {meta.get('format')!r}, "
+                              f"expected {CHECKPOINT_FORMAT!r})" if isinstance(meta, dict) else
+                              f"{sidecar_uri}: not an LGFF checkpoint sidecar")
+    if MODEL_FILE not in meta.get("files", {}):
+        raise CheckpointError(f"{sidecar_uri}: lists no {MODEL_FILE}")
+    for name, info in meta["files"].items():
+        file_uri = storage.join(prefix, name)
+        if not storage.exists(file_uri):
+            raise CheckpointError(f"{prefix}: incomplete checkpoint, {name} is missing")
+        if storage.file_size(file_uri) != info["bytes"]:
+            raise CheckpointError(f"{file_uri}: size {storage.file_size(file_uri)} != {info['bytes']} recorded "
+                                  f"in {SIDECAR_FILE} (incomplete or modified)")
+    return meta
+
+
+def is_complete(uri: str) -> bool:
+    try:
+        read_sidecar(uri)
+        return True
+    except CheckpointError:
+        return False
+
+
+def load_tensors(uri: str, name: str = MODEL_FILE, meta: Optional[dict] = None,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of one checkpoint file, checked against the sha256 in the sidecar (safetensors only)."""
+    prefix = checkpoint_prefix(uri)
+    meta = meta if meta is not None else read_sidecar(prefix)
+    info = meta["files"].get(name)
+    if info is None:
+        raise CheckpointError(f"{prefix}: checkpoint has no {name}")
+    file_uri = storage.join(prefix, name)
+    data = storage.read_bytes(file_uri)
+    if _sha256(data) != info["sha256"]:
+        raise CheckpointError(f"{file_uri}: sha256 does not match {SIDECAR_FILE} (corrupt or modified)")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, Exception) as exc:  # safetensors raises several types on foreign bytes
+        raise CheckpointError(f"{file_uri}: not a safetensors file ({exc}); pickled checkpoints are refused") from None
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def copy_checkpoint(src: str, dst: str) -> None:
+    """Copy a complete checkpoint; the destination's sidecar is removed first and written last."""
+    meta = read_sidecar(src)
+    dst = str(dst).rstrip("/")
+    sidecar_uri = storage.join(dst, SIDECAR_FILE)
+    if storage.exists(sidecar_uri):
+        storage.delete(sidecar_uri)
+    for name in (MODEL_FILE, LOSS_FILE, OPTIMIZER_FILE):
+        if name in meta["files"]:
+            storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+        elif storage.exists(storage.join(dst, name)):
+            storage.delete(storage.join(dst, name))
+    storage.write_bytes(sidecar_uri, storage.read_bytes(storage.join(checkpoint_prefix(src), SIDECAR_FILE)))
+
+
+# ----------------------------------------------------------------------------------------------- optimizer state
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch optimizer `state_dict()` -> (tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("state."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, entry in rest.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entry)
+    groups = []
+    for group in rest["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------------------------- model loading
+
+
+def backbone_weights_id(model, cfg) -> Optional[str]:
+    """The frozen backbone's weights hash; a random init ("none") is identified by the seed it was built with."""
+    value = getattr(model.backbone, "weights_hash", None)
+    if value == "random" or cfg.model.backbone.weights == "none":
+        return f"random:seed={cfg.seed}"
+    return value
+
+
+def load_model_from_checkpoint(uri: str, device: str | torch.device = "cpu"):
+    """Rebuild the embedding model from a checkpoint's sidecar config and load its trained weights.
+
+    The frozen backbone is rebuilt from the config's weights source and must hash to the weights the checkpoint
+    was trained on. Returns `(model, meta)`, model in eval mode on `device`.
+    """
+    from ..config import ConfigError, config_from_dict
+    from ..models import build_model
+
+    prefix = checkpoint_prefix(uri)
+    meta = read_sidecar(prefix)
+    try:
+        cfg = config_from_dict(meta["config"], origin=f"{prefix}/{SIDECAR_FILE}:config")
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"{prefix}: sidecar config is invalid ({exc})") from None
+    # the trainer builds under torch.manual_seed(cfg.seed): a randomly initialised ("none") backbone and any
+    # other random init come out identical here (without touching the caller's RNG state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg)
+    expected = meta.get("backbone", {}).get("weights_hash")
+    actual = backbone_weights_id(model, cfg)
+    if expected and actual and expected != actual:
+        raise CheckpointError(
+            f"{prefix}: trained on backbone {meta['backbone'].get('name')} weights {expected[:12]}..., but "
+            f"{cfg.model.backbone.weights!r} gives weights {actual[:12]}...")
+    state = load_tensors(prefix, MODEL_FILE, meta)
+    try:
+        model.load_trainable_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{prefix}: weights do not fit the model built from its config ({exc})") from None
+    model.to(device).eval()
+    return model, meta

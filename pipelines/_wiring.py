@@ -1,0 +1,56 @@
+"""Task settings shared by the pipelines: resources, retries, caching, GPU scheduling and object-store secrets.
+
+Kubernetes-specific settings (node selector, toleration, secret env) live in the compiled YAML's platform spec;
+kfp.local does not read the platform spec, and only warns that resource / accelerator settings have no local
+effect, so one pipeline definition serves both the local and the cluster path.
+"""
+from __future__ import annotations
+
+from kfp import dsl, kubernetes
+
+from lgff_core.config import LGFFConfig
+from lgff_core.pipeline_runtime import DIRECT_IO_ENV
+
+GPU_STAGES = ("train", "embed")
+# secret key -> environment variable the stage reads (lgff_core.storage uses the standard AWS names)
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+
+
+def configure_task(task: dsl.PipelineTask, cfg: LGFFConfig, stage: str, display_name: str) -> dsl.PipelineTask:
+    """Image, display name, caching, retries, resources; GPU + node selector + toleration for GPU stages;
+    S3 credentials from the Kubernetes Secret named ``pipeline.s3_secret`` (referenced by name, never a value)."""
+    p = cfg.pipeline
+    task.set_container_image(p.image)
+    task.set_display_name(display_name)
+    task.set_caching_options(enable_caching=p.enable_caching)
+    if p.retries > 0:
+        task.set_retry(num_retries=p.retries, backoff_duration=f"{p.retry_backoff_s}s", backoff_factor=2.0)
+    res = p.resources.get(stage, {})
+    if "cpu_request" in res:
+        task.set_cpu_request(res["cpu_request"])
+    if "cpu_limit" in res:
+        task.set_cpu_limit(res["cpu_limit"])
+    if "memory_request" in res:
+        task.set_memory_request(res["memory_request"])
+    if "memory_limit" in res:
+        task.set_memory_limit(res["memory_limit"])
+    if stage in GPU_STAGES and p.gpu_count > 0:
+        task.set_accelerator_type(p.gpu_resource)
+        task.set_accelerator_limit(p.gpu_count)
+        for label, value in sorted(p.gpu_node_selector.items()):
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        if p.gpu_toleration_key:
+            kubernetes.add_toleration(task, key=p.gpu_toleration_key, operator="Exists", effect="NoSchedule")
+    if p.direct_artifact_io:
+        task.set_env_variable(DIRECT_IO_ENV, "1")
+    if p.s3_endpoint:
+        task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint)
+    if p.s3_secret:
+        kubernetes.use_secret_as_env(task, secret_name=p.s3_secret, secret_key_to_env=dict(S3_SECRET_KEYS))
+    return task
+
+
+def pipeline_root_for(cfg: LGFFConfig) -> "str | None":
+    """The pipeline root baked into the compiled YAML: only a remote one (the local root is chosen at run time)."""
+    root = cfg.pipeline.pipeline_root
+    return root if root.startswith(("s3://", "gs://", "minio://")) else None

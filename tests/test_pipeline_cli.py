@@ -1,0 +1,53 @@
+"""`lgff demo` config resolution and the `lgff pipeline` result printing (no pipeline run here)."""
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from lgff_core.cli.demo import DEMO_DEFAULTS, DEMO_SOURCE, demo_config
+from lgff_core.cli.pipeline import print_metrics, print_result
+from lgff_core.config import CONFIG_DIR
+from lgff_core.pipeline import LocalRunResult, TaskRecord
+
+
+def test_demo_config_defaults_and_user_overrides():
+    cfg = demo_config(None, ["pipeline.embed_shards=3", "train.epochs=1"], "runs/x/")
+    expected = "demo" if (CONFIG_DIR / "demo.yaml").is_file() else "lgffem_cpu"
+    assert cfg.name == expected
+    assert cfg.pipeline.source == DEMO_SOURCE
+    assert cfg.pipeline.pipeline_root == "runs/x/pipeline-root"
+    assert cfg.pipeline.embed_shards == 3  # the user's --set wins over the demo defaults
+    assert cfg.train.epochs == 1
+    assert cfg.data.shard_mb == DEMO_DEFAULTS["data.shard_mb"]
+    explicit = demo_config("lgffem_cpu", [], "out")
+    assert explicit.name == "lgffem_cpu" and explicit.pipeline.embed_shards == 2
+
+
+def _console():
+    buf = io.StringIO()
+    return Console(file=buf, width=200, color_system=None), buf
+
+
+def test_print_result_lists_tasks_outputs_and_metrics():
+    result = LocalRunResult(
+        pipeline="train_and_index", pipeline_root="/r", log_file="/r/logs/x.log", seconds=12.5,
+        tasks=[TaskRecord("train", "train-0-stage", "executed", {"model": "/r/run1/train/model"}),
+               TaskRecord("prep", "prep", "cached", {"dataset": "/r/run0/prep/dataset"})],
+        outputs={"report": "/r/run1/report/html"},
+        metrics={"model": {"recall@1": 0.8125, "map": 0.5, "per_class": {"a": 1}},
+                 "baseline": {"recall@1": 0.5, "map": 0.25}})
+    console, buf = _console()
+    print_result(result, console)
+    text = buf.getvalue()
+    assert "1 executed, 1 cached" in text
+    assert "/r/run1/train/model" in text and "/r/run0/prep/dataset" in text and "/r/run1/report/html" in text
+    row = next(line for line in text.splitlines() if "recall@1" in line)
+    assert "0.8125" in row and "0.5000" in row
+    assert "per_class" not in text  # only scalar metrics are tabulated
+
+
+def test_print_metrics_empty_prints_nothing():
+    console, buf = _console()
+    print_metrics({}, console)
+    assert buf.getvalue() == ""
