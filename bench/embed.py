@@ -6,7 +6,7 @@ synthetic shard dataset (decode + transform + forward + Parquet write: the real 
 randomly initialised (speed does not depend on trained values). Goal (issue 5): ratio >= 0.8.
 
     python bench/embed.py                                 # tf_efficientnet_lite0 (package weights), 224 px
-    python bench/embed.py --sizes 64 256 --batch 32
+    python bench/embed.py --sizes 128 512 --kinds baseline   # memory check at larger sizes
     python bench/embed.py --set model.backbone.name=convnextv2_base --set model.backbone.weights=none --sizes 16 32
 """
 from __future__ import annotations
@@ -77,6 +77,25 @@ def child(args) -> None:
                       "dim": embedder.dim, "image_size": embedder.image_size}))
 
 
+def forward_gflops(args) -> dict:
+    """GFLOP per image of each model's forward (torch FlopCounterMode): the ratio the speed ratio follows."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lgff_core.config import load_config
+    from lgff_core.models import build_baseline, build_model
+
+    cfg = load_config(None, args.set)
+    size = cfg.embed.image_size or 224
+    out = {}
+    for kind, build in (("baseline", build_baseline), ("lgff", build_model)):
+        model = build(cfg).eval()
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            model(torch.randn(1, 3, size, size))
+        out[kind] = fc.get_total_flops() / 1e9
+    return out
+
+
 def run_child(kind: str, data: str, out: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--data", data, "--out", out, "--batch", str(args.batch),
            "--threads", str(args.threads)]
@@ -91,10 +110,12 @@ def run_child(kind: str, data: str, out: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs=2, default=[96, 384], help="two dataset sizes (images)")
+    ap.add_argument("--sizes", type=int, nargs=2, default=[32, 128], help="two dataset sizes (images)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. model.channels=256")
+    ap.add_argument("--kinds", nargs="+", choices=("baseline", "lgff"), default=["baseline", "lgff"],
+                    help="models to run (e.g. only baseline for a quick memory check at larger sizes)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=("lgff", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -104,27 +125,34 @@ def main() -> None:
         args.kind = args.child
         child(args)
         return
+    flops = forward_gflops(args)
+    print("forward GFLOP / image: " + ", ".join(f"{k} {v:.2f}" for k, v in flops.items())
+          + f" (compute ratio baseline/lgff {flops['baseline'] / flops['lgff']:.3f})", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="lgff-bench-embed-") as tmp:
         for n in args.sizes:
             data = os.path.join(tmp, f"ds{n}")
             make_dataset(data, n)
-            for kind in ("baseline", "lgff"):
+            for kind in args.kinds:
                 r = run_child(kind, data, os.path.join(tmp, f"emb-{kind}-{n}"), args)
                 results[f"{kind}/{n}"] = r
                 print(f"{kind:8s} {n:6d} images: {r['images_per_s']:7.1f} img/s, peak RSS {r['peak_rss_mb']:7.0f} MB "
                       f"(dim {r['dim']}, {r['image_size']} px, bf16={r['bf16']}, channels_last={r['channels_last']})",
                       flush=True)
     big = max(args.sizes)
-    ratio = results[f"lgff/{big}"]["images_per_s"] / results[f"baseline/{big}"]["images_per_s"]
+    ratio = None
+    if len(args.kinds) == 2:
+        ratio = results[f"lgff/{big}"]["images_per_s"] / results[f"baseline/{big}"]["images_per_s"]
+        print(f"LGFF / baseline images/s at {big} images: {ratio:.2f} "
+              f"(goal >= 0.8: {'met' if ratio >= 0.8 else 'not met'})")
     growth = {k: results[f"{k}/{max(args.sizes)}"]["peak_rss_mb"] - results[f"{k}/{min(args.sizes)}"]["peak_rss_mb"]
-              for k in ("baseline", "lgff")}
-    print(f"LGFF / baseline images/s at {big} images: {ratio:.2f} (goal >= 0.8: {'met' if ratio >= 0.8 else 'not met'})")
+              for k in args.kinds}
     print(f"peak RSS growth from {min(args.sizes)} to {max(args.sizes)} images: "
           + ", ".join(f"{k} {v:+.0f} MB" for k, v in growth.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "child"},
-                                               "results": results, "ratio": ratio, "rss_growth_mb": growth},
+                                               "results": results, "ratio": ratio, "rss_growth_mb": growth,
+                                               "gflops": flops},
                                               indent=1))
 
 

@@ -98,7 +98,7 @@ def cmd_quality(args) -> None:
     report = {"config": args.config, "overrides": args.set, "train_wall_s": round(train_s, 1),
               "best_epoch": summary["best_epoch"], "epochs": [
                   {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                   if k in ("epoch", "train_loss", "val_recall@1", "img_per_s", "train_time_s")} for r in rows],
+                   if k in ("epoch", "train_loss", "val_recall@1", "img_per_s", "train_time_s", "train_cpu_s")} for r in rows],
               "test_vs_train": {"lgffem": trained, "gem_baseline": baseline}}
     print(json.dumps(report, indent=1))
 

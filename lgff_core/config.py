@@ -131,6 +131,10 @@ class TrainConfig:
     device: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shuffle_buffer: int = 1024
+    # frozen-backbone feature cache (DESIGN.md section 3): None = train from images every epoch, "auto" =
+    # {out}/_feature_cache, or a URI shared between runs; `lgff train --feature-cache URI` overrides it. With a
+    # cache only the dihedral augmentations (flips, rot90) apply, on the cached feature maps
+    feature_cache: Optional[str] = None
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 
 from . import storage
 from .config import LGFFConfig
-from .embeddings import (DONE_DIR, embeddings_to_table, read_embeddings_manifest, write_embeddings_manifest,
+from .embeddings import (DONE_DIR, embeddings_to_table, write_embeddings_manifest,
                          write_embeddings_shard)
 from .errors import DataError, LGFFError
 

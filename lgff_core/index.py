@@ -355,15 +355,18 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
     db_group, q_group = group_codes[:len(bundle.groups)], group_codes[len(bundle.groups):]
     db_labels = bundle.labels
 
+    top = int(max(db_labels.max(initial=0), queries.labels.max(initial=0))) + 1
     n_excluded = np.zeros(len(queries), dtype=np.int64)
     n_excluded_rel = np.zeros(len(queries), dtype=np.int64)
     if exclude_same_group:
         group_count = np.bincount(db_group[allowed], minlength=group_codes.max() + 1)
         n_excluded = group_count[q_group]
-        pair = {}
-        for g, lab in zip(db_group[allowed], db_labels[allowed]):
-            pair[(g, lab)] = pair.get((g, lab), 0) + 1
-        n_excluded_rel = np.array([pair.get((g, lab), 0) for g, lab in zip(q_group, queries.labels)], np.int64)
+        # database rows sharing the query's (group, label): relevant items lost to the group exclusion
+        pair_codes, pair_counts = np.unique(db_group[allowed].astype(np.int64) * (top + 1) + db_labels[allowed] + 1,
+                                            return_counts=True)
+        q_codes = q_group.astype(np.int64) * (top + 1) + queries.labels + 1
+        at = np.minimum(np.searchsorted(pair_codes, q_codes), len(pair_codes) - 1)  # allowed is never empty
+        n_excluded_rel = np.where(pair_codes[at] == q_codes, pair_counts[at], 0).astype(np.int64)
     if exclude_self:
         safe_self = np.maximum(self_pos, 0)
         in_db = (self_pos >= 0) & allowed[safe_self]
@@ -371,7 +374,6 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
         self_extra = in_db & ~(exclude_same_group & (db_group[safe_self] == q_group))
         n_excluded = n_excluded + self_extra
         n_excluded_rel = n_excluded_rel + (self_extra & (db_labels[safe_self] == queries.labels))
-    top = int(max(db_labels.max(initial=0), queries.labels.max(initial=0))) + 1
     label_count = np.bincount(db_labels[allowed & (db_labels >= 0)], minlength=top)
     num_relevant = np.where(queries.labels >= 0, label_count[np.maximum(queries.labels, 0)], 0) - n_excluded_rel
     num_candidates = int(allowed.sum()) - n_excluded
@@ -501,12 +503,30 @@ def train_from_embeddings(embeddings_uri: str, out_uri: str, factory: str, metri
                           split: Optional[str | Sequence[str]] = None, train_sample: Optional[int] = 100000,
                           seed: int = 0) -> dict:
     """`lgff index train`: the empty trained index (quantizers) on a sample, for sharded adds."""
-    from .embeddings import read_embeddings
+    from .embeddings import read_embeddings, read_embeddings_manifest, read_embeddings_shard
 
-    emb = read_embeddings(embeddings_uri, split=split)
-    if len(emb) == 0:
-        raise IndexError_(f"{embeddings_uri}: no embeddings to train on")
-    xt = prepare_vectors(emb.xb[_sample_rows(len(emb), train_sample, seed)], metric, where="training sample")
+    # one shard at a time, keeping only the sampled rows: memory = one shard + the sample, not the archive
+    manifest = read_embeddings_manifest(embeddings_uri)
+    wanted = None if split is None else ([split] if isinstance(split, str) else list(split))
+    sizes = []
+    for entry in manifest["shards"]:
+        if wanted is None:
+            sizes.append(int(entry["num_rows"]))
+        else:
+            col = read_embeddings_shard(storage.join(embeddings_uri, entry["name"]), 0, columns=["split"])
+            sizes.append(int(np.isin(np.asarray(col.column("split").to_pylist(), dtype=object), wanted).sum()))
+    total = int(sum(sizes))
+    if total == 0:
+        raise IndexError_(f"{embeddings_uri}: no embeddings to train on" + (f" in split {split!r}" if split else ""))
+    chosen = _sample_rows(total, train_sample, seed)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    blocks, emb = [], None
+    for i in range(len(sizes)):
+        rows = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
+        if len(rows):
+            emb = read_embeddings(embeddings_uri, split=split, shards=[i])
+            blocks.append(emb.xb[rows])
+    xt = prepare_vectors(np.concatenate(blocks), metric, where="training sample")
     index = train_index(xt, factory, metric, seed)
     _write_faiss(index, storage.join(out_uri, TRAINED_FILE))
     meta = {**_source_meta(emb, embeddings_uri, factory, metric, split), "d": int(index.d), "trained_on": len(xt)}

@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .config import LGFFConfig, config_to_dict
+from .config import LGFFConfig
 from .errors import LGFFError
 
 __all__ = [
@@ -64,7 +64,7 @@ class PipelineError(LGFFError):
 class TaskRecord:
     task: str  # task name in the DAG (repeats across ParallelFor iterations)
     display_name: str
-    status: str  # "executed", "cached" or "failed"
+    status: str  # "executed", "cached", "imported" (dsl.importer) or "failed"
     outputs: dict[str, Any] = field(default_factory=dict)  # output name -> URI (artifact) or value (parameter)
 
 
@@ -179,6 +179,8 @@ def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str,
         paths = [u for u in uris.values() if isinstance(u, str) and os.path.isabs(u)]
         if getattr(task_status, "name", str(task_status)) != "SUCCESS":
             status = "failed"
+        elif _is_importer(kwargs):
+            status = "imported"
         elif paths and not any(u.startswith(run_dir + os.sep) for u in paths):
             status = "cached"
         else:
@@ -194,6 +196,15 @@ def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str,
         yield
     finally:
         task_executor.execute_single_task = original
+
+
+def _is_importer(kwargs: dict) -> bool:
+    """A dsl.importer task (registers an existing URI; never executes or caches)."""
+    try:
+        comp = kwargs["components"][kwargs["task_spec"].component_ref.name]
+        return kwargs["executors"][comp.executor_label].WhichOneof("spec") == "importer"
+    except (KeyError, AttributeError):
+        return False
 
 
 def _display_names(func) -> dict[str, str]:
@@ -225,12 +236,14 @@ def run_local(
     pipeline_root: Optional[str] = None,
     arguments: Optional[dict[str, Any]] = None,
     on_event: Optional[Callable[[str, str], None]] = None,
+    heartbeat_s: float = 60.0,
 ) -> LocalRunResult:
     """Run pipeline `name` with kfp.local (SubprocessRunner, this venv) under a local pipeline root.
 
     `arguments` are the pipeline's parameters (e.g. ``{"source": "/data/ds"}``). Task output (the components'
     own logs) goes to ``<pipeline_root>/logs/<pipeline>-<time>.log``; `on_event(kind, task)` is called on
-    "executing" (task name), "cached" (display name) and "finished" ("name STATUS") events for progress display.
+    "executing" (task name), "cached" (display name), "finished" ("name STATUS") and, every `heartbeat_s`
+    seconds while tasks run, "running" (comma-separated display names) events for progress display.
     Raises `PipelineError` on a failed task.
     """
     from kfp import local
@@ -248,12 +261,33 @@ def run_local(
     saved_logging = (root_logger.level, root_logger.handlers[:])
 
     display = _display_names(func)
+    running: dict[str, int] = {}
+    running_lock = threading.Lock()
 
     def event(kind: str, task: str) -> None:
+        with running_lock:
+            if kind == "executing":
+                running[task] = running.get(task, 0) + 1
+            elif kind == "finished":
+                name = task.rpartition(" ")[0]
+                if running.get(name, 0) > 1:
+                    running[name] -= 1
+                else:
+                    running.pop(name, None)
         if on_event is not None:
             if kind == "executing":
                 task = display.get(task, task)
             on_event(kind, task)
+
+    stop_heartbeat = threading.Event()
+
+    def heartbeat() -> None:
+        # long tasks (training) print nothing for minutes: say what is still running, once a minute
+        while not stop_heartbeat.wait(heartbeat_s):
+            with running_lock:
+                names = sorted(display.get(n, n) for n in running)
+            if names and on_event is not None:
+                on_event("running", ", ".join(names))
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root,
                enable_caching=cfg.pipeline.enable_caching, raise_on_error=True)
@@ -268,6 +302,8 @@ def run_local(
         tee_handler = logging.StreamHandler(tee)
         tee_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root_logger.handlers[:] = [tee_handler]
+        beat = threading.Thread(target=heartbeat, name="lgff-pipeline-heartbeat", daemon=True)
+        beat.start()
         try:
             with contextlib.redirect_stdout(tee), _record_tasks(records, root, event):
                 task = func(**(arguments or {}))
@@ -277,6 +313,7 @@ def run_local(
                                 f"{' in task ' + ', '.join(failed) if failed else ''}: {_ANSI.sub('', str(exc))}"
                                 f" (task logs: {log_path})") from None
         finally:
+            stop_heartbeat.set()
             tee.flush()
             # kfp.local swaps the root logger's handlers per task; with parallel tasks the swaps can interleave
             # and leave a handler on our (closing) stream: put the caller's logging back as it was
@@ -376,7 +413,3 @@ def schedule(
             enable_caching=cfg.pipeline.enable_caching)
     return getattr(job, "recurring_run_id", None) or getattr(job, "id", None) or str(job)
 
-
-def config_summary(cfg: LGFFConfig) -> dict[str, Any]:
-    """The pipeline section (for printing)."""
-    return config_to_dict(cfg)["pipeline"]

@@ -191,7 +191,6 @@ def _query_grid(run: Run, n_queries: int, top: int = 5) -> Optional[bytes]:
     nb_uri, ds_uri = run.data.get("neighbors"), run.data.get("dataset")
     if not nb_uri or not ds_uri:
         return None
-    from .data.images import decode_image
     from .index import read_neighbours
 
     try:
@@ -210,34 +209,43 @@ def _query_grid(run: Run, n_queries: int, top: int = 5) -> Optional[bytes]:
         logger.warning("no query grid for %s: %s", run.name, exc)
         return None
     label_names = {row["label"]: row.get("name", str(row["label"])) for row in run.data.get("per_class") or []}
-    plt = _plt()
-    fig, axes = plt.subplots(len(pick), top + 1, figsize=(1.6 * (top + 1), 1.75 * len(pick)), squeeze=False)
-    for r, q in enumerate(pick):
-        cells = [(cols["sample_id"][q], cols["label"][q], None)]
-        cells += [(nid, nlab, nlab == cols["label"][q])
-                  for nid, nlab in zip(cols["neighbor_ids"][q][:top], cols["neighbor_labels"][q][:top])]
-        for c in range(top + 1):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(cells):
-                ax.axis("off")
-                continue
-            sid, lab, ok = cells[c]
-            if sid in images:
-                im = decode_image(images[sid])
-                im.thumbnail((128, 128))
-                ax.imshow(np.asarray(im))
-            color = "black" if ok is None else ("tab:green" if ok else "tab:red")
-            for spine in ax.spines.values():
-                spine.set_edgecolor(color)
-                spine.set_linewidth(1.5 if ok is None else 3)
+    return _grid_png([[(cols["sample_id"][q], cols["label"][q], None)]
+                      + [(nid, nlab, nlab == cols["label"][q])
+                         for nid, nlab in zip(cols["neighbor_ids"][q][:top], cols["neighbor_labels"][q][:top])]
+                      for q in pick], images, label_names, f"{run.name}: queries (left), top-{top} results "
+                                                           "(green = same class, red = other)", top)
+
+
+def _grid_png(rows: list, images: dict, label_names: dict, title: str, top: int, cell: int = 112,
+              border: int = 4, caption: int = 14) -> bytes:
+    """Thumbnail grid drawn with PIL (one image, cheap): black frame = query, green / red = (in)correct result."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    from .data.images import decode_image
+
+    colors = {None: (0, 0, 0), True: (40, 160, 40), False: (210, 40, 40)}
+    w = (top + 1) * (cell + 2 * border) + top * 4 + 8
+    h = 24 + len(rows) * (cell + 2 * border + caption + 6)
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 6), title, fill=(0, 0, 0))
+    y = 24
+    for cells in rows:
+        x = 4
+        for c, (sid, lab, ok) in enumerate(cells):
             name = label_names.get(lab, str(lab))
-            title = f"query: {name}" if ok is None else f"#{c} {name} {'ok' if ok else 'x'}"
-            ax.set_title(title, fontsize=7, color=color)
-    fig.suptitle(f"{run.name}: queries (left) and top-{top} results (green = same class)", fontsize=9, y=1.0)
-    fig.tight_layout()
-    return _png(fig)
+            text = f"query: {name}" if ok is None else f"#{c} {name} {'ok' if ok else 'x'}"
+            draw.text((x, y), text[:22], fill=colors[ok])
+            draw.rectangle([x, y + caption, x + cell + 2 * border - 1, y + caption + cell + 2 * border - 1],
+                           outline=colors[ok], width=border)
+            if sid in images:
+                im = ImageOps.contain(decode_image(images[sid]), (cell, cell))  # scales small crops up too
+                canvas.paste(im, (x + border + (cell - im.width) // 2, y + caption + border + (cell - im.height) // 2))
+            x += cell + 2 * border + 4
+        y += cell + 2 * border + caption + 6
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -62,7 +63,6 @@ S3_SDK_MAX_ATTEMPTS = 5
 RETRY_ATTEMPTS = 3
 RETRY_BASE_DELAY_S = 0.25
 RETRY_MAX_DELAY_S = 4.0
-COPY_CHUNK = 8 << 20
 
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 _S3_LOCK = threading.Lock()
@@ -294,12 +294,16 @@ def upload_file(local_file: str | os.PathLike, uri: str) -> None:
     fs, path = get_filesystem(uri)
 
     def _put() -> None:
-        with open(local_file, "rb") as src, fs.open_output_stream(path) as dst:
-            while True:
-                chunk = src.read(COPY_CHUNK)
-                if not chunk:
-                    break
-                dst.write(chunk)
+        # One write of the whole (memory-mapped) file: pyarrow's S3 output stream has no abort, and closing it after
+        # a partial write (a read error or Ctrl-C between two chunks) would publish a truncated object.
+        with open(local_file, "rb") as src:
+            if os.fstat(src.fileno()).st_size == 0:
+                with fs.open_output_stream(path) as dst:
+                    dst.write(b"")
+                return
+            with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                with fs.open_output_stream(path) as dst:
+                    dst.write(data)
 
     _with_retry(uri, "upload", _put)
 

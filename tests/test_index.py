@@ -117,7 +117,7 @@ def test_bad_vectors_and_idmap_mismatch():
         ix.new_index(4, "NotAFactory", "ip")
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16", "IVF16,PQ4x4fs,RFlat"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,SQ8", "HNSW16", "IVF16,PQ4x4fs,RFlat"])
 def test_sharded_build_matches_one_shot(factory):
     xb, _ = clustered(1200, 32, n_clusters=16)
     xq, _ = clustered(30, 32, seed=3)

@@ -93,12 +93,14 @@ def test_leave_one_out_needs_self_exclusion(emb_uri, tmp_path):
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "Flat"])
 def test_sharded_cli_build_equals_one_shot(emb_uri, tmp_path, factory):
     one, trained = str(tmp_path / "one"), str(tmp_path / "trained")
-    run("index", "build", "--embeddings", emb_uri, "--factory", factory, "--out", one)
-    assert run("index", "train", "--embeddings", emb_uri, "--factory", factory, "--out", trained) == 0
+    # trained on a 60-row sample of the train split: both paths must draw the same sample
+    common = ["--embeddings", emb_uri, "--factory", factory, "--split", "train", "--train-sample", "60"]
+    assert run("index", "build", *common, "--out", one) == 0
+    assert run("index", "train", *common, "--out", trained) == 0
     parts = []
-    for i in (1, 0):  # any order
+    for i in (2, 0, 1):  # any order; 3 blocks over the 3 embeddings shards
         parts.append(str(tmp_path / f"part{i}"))
-        assert run("index", "add", "--trained", trained, "--embeddings", emb_uri, "--shard", f"{i}/2",
+        assert run("index", "add", "--trained", trained, "--embeddings", emb_uri, "--shard", f"{i}/3",
                    "--out", parts[-1]) == 0
     merged = str(tmp_path / "merged")
     assert run("index", "merge", "--trained", trained, "--partials", *parts, "--out", merged) == 0
@@ -108,6 +110,7 @@ def test_sharded_cli_build_equals_one_shot(emb_uri, tmp_path, factory):
         assert run("index", "search", "--index", idx, "--queries", emb_uri, "--k", "8", "--nprobe", "2",
                    "--out", out) == 0
         results.append(read_neighbours(out)[0].to_pydict())
+    assert all(set(r) <= {f"s{i:04d}" for i in range(120)} for r in results[0]["neighbor_ids"])  # train rows only
     assert results[0]["neighbor_ids"] == results[1]["neighbor_ids"]
     assert results[0]["neighbor_positions"] == results[1]["neighbor_positions"]
     # incomplete partial set
@@ -200,7 +203,7 @@ def test_evaluate_roxford_cli(tmp_path):
     run("evaluate", "roxford", "--gnd", str(tmp_path / "gnd.pkl"), "--embeddings", str(tmp_path / "db"),
         "--queries", str(tmp_path / "q"), "--out", out)
     res = json.loads(open(out).read())["metrics"]
-    assert res["easy"]["map"] == pytest.approx((3 / 3 + 1 / 4) / 2)  # hit at rank 3: (j/r + (j+1)/(r+1)) / 2
+    assert res["easy"]["map"] == pytest.approx((0 / 3 + 1 / 4) / 2)  # hit at rank r=3, j=0: (j/r + (j+1)/(r+1)) / 2
     assert res["hard"]["map"] is None and res["hard"]["n_queries"] == 0
     # a name missing from the embeddings
     gnd["imlist"] = names[:3] + ["radcliffe_camera_000009"]

@@ -141,3 +141,21 @@ def test_secret_template_has_placeholders_only():
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "lgff-s3-credentials"
     assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all(v.startswith("<") and v.endswith(">") for v in secret["stringData"].values())
+
+
+def test_dockerfile_static_checks():
+    """No docker engine here: check the Dockerfile's promises statically."""
+    repo = MANIFESTS.parent
+    text = (repo / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "image must end as a non-root user"
+    assert "ARG VARIANT=cpu" in text and "cu124" in text  # CPU default, CUDA via --build-arg VARIANT=cuda
+    for ln in lines:
+        if ln.startswith("COPY "):
+            for src in ln.split()[1:-1]:
+                assert (repo / src).exists(), f"Dockerfile copies missing {src}"
+    assert "--no-deps ${SAMPLE_PKGS}" in text
+    assert not any(w in text for w in (".safetensors", ".pth", "hf_hub", "huggingface")), "no weights baked in"
+    ignored = set((repo / ".dockerignore").read_text().split())
+    assert {".venv", "runs", "*.safetensors", ".git", "tests"} <= ignored

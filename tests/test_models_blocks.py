@@ -84,6 +84,12 @@ def test_learned_up_and_down_sizes(mode):
     assert up(x).shape == (1, 4, 14, 18) and down(up(x)).shape == (1, 4, 7, 9)
     if mode == "convtranspose":  # initialised to nearest-neighbour upsampling
         torch.testing.assert_close(up(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        # the pixel-shuffle implementation is the depthwise transposed convolution, for any weights
+        with torch.no_grad():
+            up.conv.weight.normal_()
+            up.conv.bias.normal_()
+        torch.testing.assert_close(up(x), up.conv(x))
+        torch.testing.assert_close(up(x.contiguous(memory_format=torch.channels_last)), up.conv(x))
 
 
 @pytest.mark.parametrize("neck", [LGFFNE(16, 2), LGFFNE(16, 1, upsample="bilinear"), LGFFND(16, 2), BiFPN(16, 2)])
@@ -215,3 +221,34 @@ def test_arcface_weights_cast_to_embedding_dtype():
     assert loss.get_cosine(emb).dtype == torch.bfloat16
     out = loss(emb, torch.tensor([0, 2]))
     assert out.dtype == torch.float32 and torch.isfinite(out)
+
+
+def test_lgffn_e_node_graph_matches_the_design():
+    from torch import nn
+
+    from lgff_core.models.resample import _ConvTransposeUp
+
+    # DESIGN.md: P3_1 = fuse(GA(P3_0), LA(up(P4_0))) ... P4_2 = fuse(LA(P4_0), GA(down(P3_2)))
+    expected = {
+        "p3_1": [(nn.Identity, GlobalAggregator), (_ConvTransposeUp, LocalAggregator)],
+        "p2_1": [(nn.Identity, GlobalAggregator), (_ConvTransposeUp, LocalAggregator)],
+        "p1_2": [(nn.Identity, GlobalAggregator), (_ConvTransposeUp, LocalAggregator)],
+        "p2_2": [(nn.Identity, LocalAggregator), (nn.Identity, LocalAggregator),
+                 (DepthwiseDownsample2x, GlobalAggregator)],
+        "p3_2": [(nn.Identity, LocalAggregator), (nn.Identity, LocalAggregator),
+                 (DepthwiseDownsample2x, GlobalAggregator)],
+        "p4_2": [(nn.Identity, LocalAggregator), (DepthwiseDownsample2x, GlobalAggregator)],
+    }
+    from lgff_core.models import NODE_GRAPH
+
+    sources = {name: [src for src, _, _ in edges] for name, edges in NODE_GRAPH}
+    assert sources == {"p3_1": ["p3_0", "p4_0"], "p2_1": ["p2_0", "p3_1"], "p1_2": ["p1_0", "p2_1"],
+                       "p2_2": ["p2_0", "p2_1", "p1_2"], "p3_2": ["p3_0", "p3_1", "p2_2"], "p4_2": ["p4_0", "p3_2"]}
+    layer = LGFFNE(8, 1).layers[0]
+    assert list(layer.nodes) == list(expected)
+    for name, edges in expected.items():
+        node = layer.nodes[name]
+        assert [(type(e[0]), type(e[1])) for e in node.edges] == edges, name
+        assert isinstance(node.combine, FastNormalizedFusion) and node.combine.num_inputs == len(edges)
+    # every aggregator has its own parameters (14 per layer)
+    assert sum(isinstance(m, (LocalAggregator, GlobalAggregator)) for m in layer.modules()) == 14

@@ -216,6 +216,10 @@ def test_detection_model_train_forward_gives_finite_losses():
     sum(losses.values()).backward()
     assert all(p.grad is None for p in model.frozen_backbone.parameters())
     assert model.backbone.neck.layers[0].nodes["p3_1"].edges[0][1].pw.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        (pred,) = model([torch.rand(3, 128, 128)])
+    assert set(pred) == {"boxes", "labels", "scores", "masks"} and pred["masks"].shape[1:] == (1, 128, 128)
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -51,3 +51,24 @@ def test_print_metrics_empty_prints_nothing():
     console, buf = _console()
     print_metrics({}, console)
     assert buf.getvalue() == ""
+
+
+
+def test_importer_tasks_are_told_apart_from_cache_hits():
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from lgff_core.config import load_config
+    from lgff_core.pipeline import _display_names, _is_importer, build
+
+    func = build("reindex", load_config("lgffem_cpu"))
+    spec = func.pipeline_spec
+    deployment = json_format.ParseDict(json_format.MessageToDict(spec.deployment_spec),
+                                       pipeline_spec_pb2.PipelineDeploymentConfig())
+    kwargs = {"components": dict(spec.components), "executors": dict(deployment.executors)}
+    tasks = spec.root.dag.tasks
+    assert _is_importer({**kwargs, "task_spec": tasks["importer"]})
+    assert not _is_importer({**kwargs, "task_spec": tasks["index-build"]})
+    assert not _is_importer({})
+    names = _display_names(func)
+    assert names["importer"] == "import-model" and names["embed"] == "embed-model"

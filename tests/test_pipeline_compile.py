@@ -2,13 +2,12 @@
 per-stage config slices that make caching precise, and the submit / schedule argument handling."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lgff_core.config import StageConfig, load_config
+from lgff_core.config import load_config
 from lgff_core.pipeline import PipelineError, compile_pipeline, schedule, submit
 from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
 

@@ -38,7 +38,12 @@ def source(tmp_path_factory):
 def test_train_and_index_runs_locally_then_hits_cache(tmp_path, source):
     root = tmp_path / "pipeline-root"
     cfg = load_config("lgffem_cpu", TINY)
-    first = run_local("train_and_index", cfg, pipeline_root=str(root), arguments={"source": source})
+    events = []
+    first = run_local("train_and_index", cfg, pipeline_root=str(root), arguments={"source": source},
+                      on_event=lambda kind, task: events.append((kind, task)), heartbeat_s=2.0)
+    started = [t for kind, t in events if kind == "executing"]
+    assert started[0] == "prep" and started.count("embed-model") == 2  # progress uses display names
+    assert any(kind == "running" and "train-0-stage" in t for kind, t in events)  # heartbeat during training
 
     names = [t.display_name for t in first.tasks]
     assert set(names) == STAGES

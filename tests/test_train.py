@@ -10,11 +10,11 @@ import torch
 import lgff_core.models as models_pkg
 from lgff_core.cli import main as cli_main
 from lgff_core.config import LGFFConfig, apply_overrides
-from lgff_core.errors import CheckpointError, DataError
 from lgff_core.train import checkpoint as ckpt
 from lgff_core.train import feature_cache as fc
 from lgff_core.train import train_stage
 from lgff_core.train.trainer import StopTraining, recall_at_1
+from s3_server import s3_env  # noqa: F401  (session fixture)
 from test_train_support import make_dataset, tiny_build_model
 
 OVERRIDES = {"model.channels": 16, "model.backbone.weights": "none", "train.epochs": 4, "train.batch_size": 8,
@@ -141,6 +141,12 @@ def test_feature_cache_reused_and_resumable(tiny, data, tmp_path, monkeypatch):
     assert (train_dir / "_cache.json").exists()
 
 
+def test_feature_cache_auto_from_config(tiny, data, tmp_path):
+    cfg = apply_overrides(tiny, {"train.epochs": 1, "train.feature_cache": "auto"})
+    s = train_stage(cfg, data, str(tmp_path / "run"))
+    assert s["feature_cache"] and len(list((tmp_path / "run" / "_feature_cache").glob("*/_cache.json"))) == 2
+
+
 def test_dihedral_augment_applies_one_transform_to_all_levels():
     a = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
     b = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).reshape(2, 1, 2, 2)
@@ -239,3 +245,40 @@ def test_cli_stop_and_resume(cfg_file, data, tmp_path, capsys):
     assert '"start_epoch": 1' in capsys.readouterr().out
     assert ckpt.read_sidecar(str(out / "last"))["epoch"] == 2
     assert len(open(out / "metrics.jsonl").readlines()) == 2
+
+
+def test_cli_stage_overrides_and_stage_data(cfg_file, data, tmp_path):
+    """--stage N applies that stage's overrides; the stage's `data` replaces a missing --data (strategy = data)."""
+    import yaml
+
+    conf = yaml.safe_load(cfg_file.read_text())
+    conf["strategy"] = [{"name": "A", "overrides": {}},
+                        {"name": "B.2", "data": str(data), "overrides": {"loss.margin_deg": 17.2}}]
+    path = tmp_path / "strategy.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    assert cli_main(["train", "--config", str(path), "--out", str(tmp_path / "a"), "--stage", "0"]) == 2  # no data
+    assert cli_main(["train", "--config", str(path), "--out", str(tmp_path / "b"), "--stage", "1",
+                     "--init", str(tmp_path / "nope")]) == 2  # missing init checkpoint
+    assert cli_main(["train", "--config", str(path), "--out", str(tmp_path / "b"), "--stage", "1"]) == 0
+    meta = ckpt.read_sidecar(str(tmp_path / "b/last"))
+    assert meta["config"]["loss"]["margin_deg"] == 17.2
+
+
+def test_train_on_s3_out_and_cache_with_resume(tiny, data, s3_env, tmp_path):
+    """--out and --feature-cache on an object store (moto S3): publish, resume, load the model back."""
+    out = s3_env.new_prefix("run")
+    cache = s3_env.new_prefix("cache")
+    cfg = apply_overrides(tiny, {"train.epochs": 2})
+
+    def stop(row):
+        raise StopTraining
+
+    s = train_stage(cfg, data, out, feature_cache=cache, on_epoch_end=stop)
+    assert s["stopped_early"] and ckpt.read_sidecar(out + "/last")["epoch"] == 1
+    s = train_stage(cfg, data, out, feature_cache=cache, resume=True)
+    assert s["start_epoch"] == 1 and ckpt.read_sidecar(out + "/last")["epoch"] == 2
+    model, meta = ckpt.load_model_from_checkpoint(out + "/best")
+    assert meta["class_names"] == ["class0", "class1", "class2"]
+    from lgff_core import storage
+
+    assert len(storage.read_text(out + "/metrics.jsonl").splitlines()) == 2

@@ -14,7 +14,7 @@ import argparse
 import shutil
 
 from . import add_config_args
-from .pipeline import print_metrics, print_result, progress_printer
+from .pipeline import print_result, progress_printer
 from ..config import ConfigError, load_config, parse_set_args, resolve_config_path
 
 DEMO_SOURCE = "samples:histolytics-nuclei"
@@ -22,7 +22,7 @@ DEMO_SOURCE = "samples:histolytics-nuclei"
 # both shard jobs
 DEMO_DEFAULTS = {"data.shard_mb": 2.0, "pipeline.embed_shards": 2, "pipeline.sharded_index": False}
 # only when the `demo` preset is missing: keep the lgffem_cpu fallback inside the 15-minute / 2-core budget
-FALLBACK_DEFAULTS = {"train.epochs": 3, "train.image_size": 128, "embed.image_size": 128}
+FALLBACK_DEFAULTS = {"train.epochs": 3, "train.image_size": 64, "embed.image_size": 64, "train.feature_cache": "auto"}
 
 
 def register(subparsers) -> None:
@@ -66,8 +66,10 @@ def run(args) -> int:
     result = run_local("train_and_index", cfg, on_event=progress_printer(err))
     print_result(result, out)
     if "model" in result.metrics and "baseline" in result.metrics:
-        out.print("[bold]model vs baseline[/] (same data, same index and protocol):")
-        print_metrics({k: result.metrics[k] for k in ("model", "baseline")}, out)
+        m, b = result.metrics["model"], result.metrics["baseline"]
+        keys = [k for k in ("recall@1", "map", "mmv@5") if isinstance(m.get(k), float) and isinstance(b.get(k), float)]
+        out.print("[bold]model vs baseline[/] (same data, index and protocol): "
+                  + ", ".join(f"{k} {m[k]:.4f} vs {b[k]:.4f}" for k in keys))
     report = result.outputs.get("report")
     if report:
         out.print(f"report: {report}")

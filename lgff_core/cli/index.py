@@ -10,10 +10,8 @@ Search:    lgff index search --index IDX --queries E --k 10 --out N.parquet [--e
 from __future__ import annotations
 
 import argparse
-import json
 
 from . import add_config_args, load_args_config
-from ..errors import LGFFError
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -16,7 +16,6 @@ from typing import Any
 
 from . import add_config_args, load_args_config
 from ..config import parse_set_args
-from ..errors import LGFFError
 
 
 def register(subparsers) -> None:
@@ -130,6 +129,8 @@ def progress_printer(console):
             console.print(f"[dim]{elapsed}[/]  running  [cyan]{task}[/]")
         elif kind == "cached":
             console.print(f"[dim]{elapsed}[/]  cached   [green]{task}[/]")
+        elif kind == "running":
+            console.print(f"[dim]{elapsed}  still running {task}[/]")
         elif kind == "finished":
             name, _, status = task.rpartition(" ")
             if status != "SUCCESS":
@@ -147,7 +148,7 @@ def print_result(result, console) -> None:
     tasks.add_column("outputs", overflow="fold")
     for t in result.tasks:
         outs = "\n".join(f"{k}: {v}" for k, v in t.outputs.items())
-        style = {"cached": "green", "executed": "cyan", "failed": "red"}[t.status]
+        style = {"cached": "green", "executed": "cyan", "imported": "magenta", "failed": "red"}.get(t.status, "")
         tasks.add_row(t.display_name, f"[{style}]{t.status}[/]", outs)
     console.print(tasks)
     if result.outputs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from . import add_config_args, load_args_config
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     summary = train_stage(stage_cfg, data, args.out, init=args.init, resume=args.resume,
                           feature_cache=args.feature_cache, progress=True,
                           on_epoch_end=stop_hook)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary.get("last")},
                      indent=1, default=str))
     return 0

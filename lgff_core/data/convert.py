@@ -31,12 +31,16 @@ from ..errors import DataError, LGFFError
 from .shards import (
     IMAGE_SCHEMA,
     MANIFEST_NAME,
+    SCHEMA_VERSION,
     Manifest,
     ShardWriter,
     list_stale_parts,
     read_manifest,
     write_manifest,
 )
+
+# bump when converter output bytes change for the same inputs (a rerun must not mistake old output for new)
+PREP_VERSION = 1
 
 __all__ = ["Task", "ConvertOptions", "write_dataset", "fingerprint", "prepare_output", "RowError"]
 
@@ -78,7 +82,8 @@ class ConvertOptions:
 def fingerprint(converter: str, params: dict, inputs: Iterable[Any]) -> str:
     """sha256 over the converter, its output-relevant parameters and a canonical description of the inputs."""
     h = hashlib.sha256()
-    h.update(json.dumps({"converter": converter, "params": params}, sort_keys=True).encode())
+    h.update(json.dumps({"converter": converter, "params": params, "prep_version": PREP_VERSION,
+                         "schema_version": SCHEMA_VERSION}, sort_keys=True).encode())
     for item in inputs:
         h.update(json.dumps(item, sort_keys=True, default=str).encode())
         h.update(b"\n")

@@ -23,7 +23,6 @@ tf_efficientnet_lite0 features take ~23 KB per image, 224 px ~290 KB.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -121,7 +120,6 @@ def build_feature_cache(
                  len(chunk_names))
     pending: dict[str, list] = {}
     row = 0
-    shapes: Optional[list[list[int]]] = None
     for batch in batches():
         n = len(batch["label"])
         chunk_of_rows = [(row + j) // chunk_size for j in range(n)]
@@ -130,7 +128,6 @@ def build_feature_cache(
             images = batch["image"][todo] if len(todo) < n else batch["image"]
             with torch.no_grad():
                 feats = [f.to(torch.float16).cpu().numpy() for f in extract(images)]
-            shapes = [list(f.shape[1:]) for f in feats]
             for t, j in enumerate(todo):
                 entry = pending.setdefault(chunk_names[chunk_of_rows[j]], [])
                 entry.append(([f[t] for f in feats], int(batch["label"][j]), str(batch["sample_id"][j]),

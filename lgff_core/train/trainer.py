@@ -25,7 +25,6 @@ uninterrupted one bit for bit on CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .. import storage
-from ..config import LGFFConfig, config_to_dict
+from ..config import ConfigError, LGFFConfig, config_to_dict
 from ..errors import CheckpointError, DataError
 from . import checkpoint as ckpt
 from .feature_cache import FeatureCache, build_feature_cache, cache_key, dataset_fingerprint, dihedral_augment
@@ -246,7 +245,8 @@ def train_stage(
 
     `init`: checkpoint prefix of the previous stage (stem/neck/head carried over; class weights kept only when
     the class names are identical). `resume`: continue from the last complete checkpoint under `out_uri`.
-    `feature_cache`: URI of a feature cache (built on first use). `on_epoch_end(row)` runs after each epoch's
+    `feature_cache`: URI of a feature cache (built on first use; default `cfg.train.feature_cache`, "auto" =
+    `{out}/_feature_cache`). `on_epoch_end(row)` runs after each epoch's
     checkpoint is published; raising `StopTraining` there ends the run cleanly (used to test resume).
     """
     from ..data.dataset import ShardedImageDataset
@@ -258,7 +258,13 @@ def train_stage(
     data_uri = str(data_uri).rstrip("/")
     out_uri = str(out_uri).rstrip("/")
     tc = cfg.train
+    if not tc.lr > 0 or tc.lr_min < 0 or tc.lr_min > tc.lr:
+        raise ConfigError(f"train.lr must be > 0 and 0 <= train.lr_min <= train.lr (got lr={tc.lr}, "
+                          f"lr_min={tc.lr_min})")
     device = resolve_device(tc.device)
+    feature_cache = feature_cache or tc.feature_cache
+    if feature_cache == "auto":
+        feature_cache = storage.join(out_uri, "_feature_cache")
     manifest, split_labels, classes = _labels_by_split(data_uri, cfg)
     class_names = [manifest.label_names[c] for c in classes]
     to_class = np.full(len(manifest.label_names), -1, dtype=np.int64)
@@ -283,9 +289,8 @@ def train_stage(
                      "weights_hash": ckpt.backbone_weights_id(model, cfg)}
     loss_fn = SubCenterArcFace(model.embedding_dim, len(classes), margin_deg=cfg.loss.margin_deg,
                                scale=cfg.loss.scale, num_subcenters=cfg.loss.num_subcenters)
-    for meta in (init_meta,):
-        if meta is None:
-            continue
+    if init_meta is not None:
+        meta = init_meta
         other = meta.get("backbone", {})
         if other.get("name") != backbone_info["name"] or other.get("weights_hash") != backbone_info["weights_hash"]:
             raise CheckpointError(
@@ -296,10 +301,13 @@ def train_stage(
             model.load_trainable_state_dict(ckpt.load_tensors(init, ckpt.MODEL_FILE, meta))
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"--init {init}: weights do not fit this model ({exc})") from None
-        if meta.get("class_names") == class_names and ckpt.LOSS_FILE in meta["files"]:
-            loss_fn.load_state_dict(ckpt.load_tensors(init, ckpt.LOSS_FILE, meta))
+        loss_state = ckpt.load_tensors(init, ckpt.LOSS_FILE, meta) if ckpt.LOSS_FILE in meta["files"] else None
+        same_shape = loss_state is not None and all(
+            k in loss_state and loss_state[k].shape == v.shape for k, v in loss_fn.state_dict().items())
+        if meta.get("class_names") == class_names and same_shape:
+            loss_fn.load_state_dict(loss_state)
             log.info("--init %s: stem/neck/head and class weights carried over", init)
-        else:
+        else:  # other label set (or sub-center count): fresh class weights
             log.info("--init %s: stem/neck/head carried over; class weights re-created (%d classes)", init,
                      len(classes))
     model.to(device)
@@ -341,6 +349,9 @@ def train_stage(
             bar.close()
             if dist.main:
                 dist.barrier()
+    aug = tc.augment
+    if caches and aug.enabled and (aug.blur_prob > 0 or aug.brightness or aug.contrast or aug.saturation or aug.hue):
+        log.info("feature cache: colour jitter and blur are not applied (only flips / rot90 on the feature maps)")
     train_dataset = None
     if not caches:
         train_dataset = ShardedImageDataset(data_uri, split=tc.train_split,
@@ -373,7 +384,6 @@ def train_stage(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     config_dict = config_to_dict(cfg)
-    aug = tc.augment
     summary: dict[str, Any] = {"out": out_uri, "classes": len(classes), "n_train": n_train, "n_val": n_val,
                                "feature_cache": bool(caches), "device": str(device), "start_epoch": start_epoch,
                                "stopped_early": False}
@@ -383,13 +393,12 @@ def train_stage(
         model.train()
         model.backbone.eval()  # frozen: BatchNorm statistics stay the pretrained ones
         loss_fn.train()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         loss_sum, seen, steps = 0.0, 0, 0
         bar = _bar(progress and dist.main, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step")
-        for feats, y in _epoch_batches(caches.get(tc.train_split), train_dataset, epoch, cfg, dist, extract, device):
+        for feats, y in _in_step(_epoch_batches(caches.get(tc.train_split), train_dataset, epoch, cfg, dist,
+                                                extract, device), dist, device):
             y = torch.as_tensor(to_class[y.numpy()], device=device)
-            if y.shape[0] < 2:  # BatchNorm1d in the head needs > 1 sample
-                continue
             if caches and aug.enabled and (aug.hflip > 0 or aug.vflip > 0 or aug.rotate90):
                 feats = dihedral_augment(feats, aug.hflip, aug.vflip, aug.rotate90)
             optimizer.zero_grad(set_to_none=True)
@@ -410,6 +419,7 @@ def train_stage(
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
         train_time = time.perf_counter() - t0
+        train_cpu = time.process_time() - cpu0
         if dist.world > 1:
             totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(totals)
@@ -417,6 +427,7 @@ def train_stage(
 
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
                "img_per_s": seen / train_time if train_time > 0 else None, "train_time_s": train_time,
+               "train_cpu_s": train_cpu,  # process CPU time: comparable across runs on a shared machine
                "steps": steps, "images": seen}
         if dist.main:
             t1 = time.perf_counter()
@@ -426,7 +437,7 @@ def train_stage(
             if improved:
                 best_r1, best_epoch = r1, epoch + 1
             history = [h for h in history if h["epoch"] <= epoch] + [row]
-            meta = {"config": config_dict, "backbone": backbone_info, "class_names": class_names,
+            meta = {"name": cfg.name, "config": config_dict, "backbone": backbone_info, "class_names": class_names,
                     "embedding_dim": int(model.embedding_dim), "epoch": epoch + 1,
                     "global_step": schedule.last_step, "metrics": row, "best": {"epoch": best_epoch,
                                                                                 "val_recall@1": best_r1},
@@ -457,6 +468,26 @@ def _bar(enabled: bool, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(disable=not enabled, leave=False, **kwargs)
+
+
+def _in_step(batches: Iterator, dist: _Dist, device: torch.device) -> Iterator:
+    """Batches of >= 2 samples (BatchNorm1d in the head needs 2); under DDP every rank stops as soon as one rank
+    runs out, so all ranks take the same number of optimizer steps (the dataset's rank split can be uneven:
+    the surplus rows of the other ranks are skipped this epoch; their order changes with the epoch)."""
+    it = iter(batches)
+    while True:
+        item = next(it, None)
+        ok = item is not None and item[1].shape[0] >= 2
+        if dist.world > 1:
+            flag = torch.tensor([1 if ok else 0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(flag.item())
+            if not ok:
+                return
+        elif item is None:
+            return
+        if ok:
+            yield item
 
 
 def _epoch_batches(cache: Optional[FeatureCache], dataset, epoch: int, cfg: LGFFConfig, dist: _Dist,
