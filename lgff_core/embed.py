@@ -113,6 +113,7 @@ def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[
                   device: Optional[torch.device] = None, weights: Optional[str] = None) -> Embedder:
     """The LGFF model from a checkpoint prefix, or (``baseline="gem-last"``) the frozen backbone + GeM."""
     device = device or _device(cfg)
+    trained_size = None  # a checkpoint embeds at the size it was trained at unless embed.image_size says otherwise
     if baseline is not None:
         from .models import build_baseline
 
@@ -130,12 +131,13 @@ def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[
         model, meta = load_model_from_checkpoint(model_uri, device="cpu")
         name = meta.get("name") or str(model_uri).rstrip("/")
         ident = {"checkpoint": str(model_uri), "files": meta.get("files"), "epoch": meta.get("epoch")}
+        trained_size = ((meta.get("config") or {}).get("train") or {}).get("image_size")
     model.eval().to(device)
     speed = resolve_speed_options(cfg, device)
     if speed["channels_last"]:
         model.to(memory_format=torch.channels_last)
     data_config = dict(model.backbone.data_config)
-    image_size = cfg.embed.image_size or int(data_config["input_size"][-1])
+    image_size = int(cfg.embed.image_size or trained_size or data_config["input_size"][-1])
     ident.update(image_size=image_size, **speed)
     fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
     logger.info("embedding with %s (dim %d, %d px, channels_last=%s, bf16=%s, %s)", name, model.embedding_dim,

@@ -180,3 +180,20 @@ def _images(dataset, data_config):
 
     rows = sorted(ShardedImageDataset(dataset, transform=eval_transform(data_config, SIZE)), key=lambda r: r["index"])
     return torch.stack([r["image"] for r in rows])
+
+
+def test_checkpoint_embeds_at_its_training_size_unless_overridden(tmp_path):
+    from lgff_core.models import build_model
+    from lgff_core.train.checkpoint import save_checkpoint
+
+    cfg = load_config(None, {"model.channels": 32, "model.num_layers": 1, "train.image_size": 96})
+    model = build_model(cfg).eval()
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(ckpt, model.trainable_state_dict(), {
+        "config": config_to_dict(cfg), "name": "lgff-test",
+        "backbone": {"name": cfg.model.backbone.name, "weights_hash": model.backbone.weights_hash}})
+    no_speed = {"embed.bf16": False, "embed.channels_last": False}
+    assert load_embedder(ckpt, load_config(None, no_speed)).image_size == 96
+    assert load_embedder(ckpt, load_config(None, {**no_speed, "embed.image_size": 64})).image_size == 64
+    # the baseline has no checkpoint: the backbone's own input size
+    assert load_embedder(None, load_config(None, no_speed), baseline="gem-last").image_size == 224

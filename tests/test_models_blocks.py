@@ -252,3 +252,182 @@ def test_lgffn_e_node_graph_matches_the_design():
         assert isinstance(node.combine, FastNormalizedFusion) and node.combine.num_inputs == len(edges)
     # every aggregator has its own parameters (14 per layer)
     assert sum(isinstance(m, (LocalAggregator, GlobalAggregator)) for m in layer.modules()) == 14
+
+
+# ----------------------------------------------------------------------------------------------- plain-torch references
+# Each reference below re-computes a block from DESIGN.md section 2 with functional torch ops only, reading the
+# block's parameters but none of its forward code.
+def _layer_norm_over_channels(x, weight, bias, eps):
+    mean = x.mean(dim=1, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def _pw(x, conv):
+    return torch.einsum("bchw,oc->bohw", x, conv.weight[:, :, 0, 0]) + conv.bias[None, :, None, None]
+
+
+def _dw3x3(x, conv):
+    return F.conv2d(x, conv.weight, conv.bias, padding=1, groups=x.shape[1])
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _randomise_(module):
+    """Non-trivial values for every parameter (LayerNorm / GRN affines start at 1 / 0, which would hide them)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return module
+
+
+def test_stem_matches_reference():
+    from lgff_core.models import Stem
+
+    stem = _randomise_(Stem(6, 5)).eval()
+    assert stem.reduce.bias is None and stem.reduce.weight.shape == (3, 6, 1, 1)  # C_i -> C_i/2, no bias
+    assert stem.proj.weight.shape == (5, 3, 1, 1)
+    x = torch.randn(2, 6, 4, 3) * 2 + 1
+    with torch.no_grad():
+        h = torch.einsum("bchw,oc->bohw", x, stem.reduce.weight[:, :, 0, 0])
+        h = _gelu(_layer_norm_over_channels(h, stem.norm.weight, stem.norm.bias, 1e-6))
+        torch.testing.assert_close(stem(x), _pw(h, stem.proj))
+
+
+def test_local_aggregator_matches_reference_with_layernorm_first_and_nonzero_a():
+    agg = _randomise_(LocalAggregator(8))
+    norm, pw1, _, pw2 = agg.attn
+    assert pw1.weight.shape == (4, 8, 1, 1) and pw2.weight.shape == (8, 4, 1, 1)
+    with torch.no_grad():
+        agg.a.fill_(0.3)
+    x = torch.randn(2, 8, 5, 4) * 3 + 1  # channel statistics far from (0, 1): the LayerNorm changes the result
+    with torch.no_grad():
+        local = _pw(_gelu(_pw(_layer_norm_over_channels(x, norm.weight, norm.bias, 1e-6), pw1)), pw2)
+        torch.testing.assert_close(agg(x), 0.3 * x + 0.7 * x * torch.sigmoid(local))
+        # the LayerNorm sits before the first PW, not after it
+        wrong = _pw(_gelu(_layer_norm_over_channels(_pw(x, pw1), torch.ones(4), torch.zeros(4), 1e-6)), pw2)
+        assert not torch.allclose(agg(x), 0.3 * x + 0.7 * x * torch.sigmoid(wrong), atol=1e-3)
+
+
+def test_global_aggregator_matches_reference_with_nonzero_a():
+    agg = _randomise_(GlobalAggregator(8))
+    dw, pw1, _, grn, pw2 = agg.attn
+    assert dw.weight.shape == (8, 1, 3, 3) and pw1.weight.shape == (4, 8, 1, 1) and pw2.weight.shape == (8, 4, 1, 1)
+    with torch.no_grad():
+        agg.a.fill_(0.3)
+    x = torch.randn(2, 8, 6, 5)
+    with torch.no_grad():
+        h = _gelu(_pw(_dw3x3(x, dw), pw1))
+        g = h.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+        h = grn.gamma * (h * (g / (g.mean(dim=1, keepdim=True) + 1e-6))) + grn.beta + h
+        torch.testing.assert_close(agg(x), 0.3 * x + 0.7 * x * torch.sigmoid(_pw(h, pw2)))
+
+
+@pytest.mark.parametrize("attention", ["local", "global"])
+def test_fmbconv_ca_matches_reference(attention):
+    from lgff_core.models import FMBConvCA
+    from lgff_core.models.lgffn_detection import GlobalChannelAttention, LocalChannelAttention
+
+    block = _randomise_(FMBConvCA(8, attention=attention))
+    assert isinstance(block.ca, {"local": LocalChannelAttention, "global": GlobalChannelAttention}[attention])
+    pw1, _, pw2 = block.ca.gate
+    assert pw1.weight.shape == (4, 8, 1, 1) and pw2.weight.shape == (8, 4, 1, 1)
+    x = torch.randn(2, 8, 6, 5)
+    with torch.no_grad():
+        y = _gelu(_dw3x3(x, block.dw))
+        context = y.mean(dim=(2, 3), keepdim=True) if attention == "global" else y  # GAP only for global CA
+        gate = torch.sigmoid(_pw(_gelu(_pw(context, pw1)), pw2))
+        out = block(x)
+        torch.testing.assert_close(out, x + _pw(y * gate, block.pw))
+        # global CA gates each channel by one value over the whole map; local CA varies per position
+        per_position = gate.expand_as(y).flatten(2).std(dim=2)
+        assert (per_position.max() < 1e-6) == (attention == "global")
+
+
+def test_lgffn_d_edges_get_the_design_attention_and_nodes_are_direct_sums():
+    from torch import nn
+
+    from lgff_core.models.lgffn_detection import FMBConvCA, GlobalChannelAttention, LocalChannelAttention
+    from lgff_core.models.pyramid import SumFusion
+    from lgff_core.models.resample import MaxPoolDownsample2x, NearestUpsample2x
+
+    fg, fl = GlobalChannelAttention, LocalChannelAttention
+    # DESIGN.md: P3_1 = Fg(P3_0)+FL(up(P4_0)) ... P4_2 = FL(P4_0)+Fg(down(P3_2)); up = nearest, down = max-pool
+    expected = {
+        "p3_1": [(nn.Identity, fg), (NearestUpsample2x, fl)],
+        "p2_1": [(nn.Identity, fg), (NearestUpsample2x, fl)],
+        "p1_2": [(nn.Identity, fg), (NearestUpsample2x, fl)],
+        "p2_2": [(nn.Identity, fl), (nn.Identity, fl), (MaxPoolDownsample2x, fg)],
+        "p3_2": [(nn.Identity, fl), (nn.Identity, fl), (MaxPoolDownsample2x, fg)],
+        "p4_2": [(nn.Identity, fl), (MaxPoolDownsample2x, fg)],
+    }
+    layer = LGFFND(8, 1).layers[0]
+    assert list(layer.nodes) == list(expected)
+    for name, edges in expected.items():
+        node = layer.nodes[name]
+        assert all(isinstance(e[1], FMBConvCA) for e in node.edges), name
+        assert [(type(e[0]), type(e[1].ca)) for e in node.edges] == edges, name
+        assert isinstance(node.combine, SumFusion) and isinstance(node.post, nn.Identity)
+    # numbers: re-run the graph with plain nearest upsampling, 3x3/s2 max pooling and sums over the edge blocks
+    p1, p2, p3, p4 = feats = [torch.randn(1, 8, 32 // s, 24 // s) for s in (1, 2, 4, 8)]
+
+    def block(name, i):
+        return layer.nodes[name].edges[i][1]
+
+    def up(x):
+        return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+    def down(x):
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+
+    with torch.no_grad():
+        p3_1 = block("p3_1", 0)(p3) + block("p3_1", 1)(up(p4))
+        p2_1 = block("p2_1", 0)(p2) + block("p2_1", 1)(up(p3_1))
+        p1_2 = block("p1_2", 0)(p1) + block("p1_2", 1)(up(p2_1))
+        p2_2 = block("p2_2", 0)(p2) + block("p2_2", 1)(p2_1) + block("p2_2", 2)(down(p1_2))
+        p3_2 = block("p3_2", 0)(p3) + block("p3_2", 1)(p3_1) + block("p3_2", 2)(down(p2_2))
+        p4_2 = block("p4_2", 0)(p4) + block("p4_2", 1)(down(p3_2))
+        for out, ref in zip(layer(feats), (p1_2, p2_2, p3_2, p4_2)):
+            torch.testing.assert_close(out, ref)
+
+
+def test_gem_mini_head_layer_order_matches_reference():
+    from lgff_core.models import GeMMiniHead
+
+    head = GeMMiniHead(6, dropout=0.5)
+    assert isinstance(head.pool.p, torch.nn.Parameter) and float(head.pool.p.detach()) == pytest.approx(4.6)
+    assert head.pool.eps == 1e-6
+    assert [type(m).__name__ for m in head.children()] == ["GeM", "BatchNorm1d", "Dropout", "Linear", "Linear"]
+    bn = head.bn
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(6) + 0.5)
+        bn.bias.copy_(torch.randn(6))
+        bn.running_mean.copy_(torch.rand(6))
+        bn.running_var.copy_(torch.rand(6) + 0.5)
+    x = torch.rand(4, 6, 5, 3) + 0.01
+
+    def reference(training, dropped=None):
+        pooled = x.clamp(min=1e-6).pow(4.6).mean(dim=(2, 3)).pow(1 / 4.6)
+        if training:  # BatchNorm1d with batch statistics (biased variance)
+            mean, var = pooled.mean(dim=0), pooled.var(dim=0, unbiased=False)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        normed = (pooled - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+        y = normed if dropped is None else dropped  # dropout's random mask is taken from the module
+        y = y @ head.fc1.weight.t() + head.fc1.bias
+        y = y / y.norm(dim=1, keepdim=True)
+        return normed, y @ head.fc2.weight.t() + head.fc2.bias
+
+    seen = {}
+    head.drop.register_forward_hook(lambda m, args, out: seen.update(inp=args[0], out=out))
+    with torch.no_grad():
+        head.eval()
+        torch.testing.assert_close(head(x), reference(False)[1], rtol=1e-4, atol=1e-5)
+        head.train()
+        out = head(x)
+        normed, ref = reference(True, dropped=seen["out"])
+        torch.testing.assert_close(seen["inp"], normed, rtol=1e-4, atol=1e-5)  # dropout acts on BN's output
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)  # ... and feeds the first Linear
+        assert (seen["out"] == 0).any() and not torch.equal(seen["out"], seen["inp"])

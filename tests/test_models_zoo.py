@@ -222,6 +222,54 @@ def test_detection_model_train_forward_gives_finite_losses():
     assert set(pred) == {"boxes", "labels", "scores", "masks"} and pred["masks"].shape[1:] == (1, 128, 128)
 
 
+def test_detection_anchors_one_size_per_level_and_feature_keys():
+    from torchvision.models.detection.image_list import ImageList
+
+    cfg = tiny_cfg("model.kind=detection", "model.neck=lgffn_d", "model.det_min_size=128", "model.det_max_size=128")
+    model = build_model(cfg).eval()
+    generator = model.rpn.anchor_generator
+    assert generator.sizes == ((32,), (64,), (128,), (256,))
+    assert generator.aspect_ratios == ((0.5, 1.0, 1.5, 2.0),) * 4
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    assert model.roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    images = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        feats = model.backbone(images)
+    assert list(feats) == ["0", "1", "2", "3"] and model.backbone.out_channels == 32
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(128 // s, 96 // s) for s in (4, 8, 16, 32)]
+    (anchors,) = generator(ImageList(images, [(128, 96)]), list(feats.values()))
+    start = 0
+    for level, (size, stride) in enumerate(zip((32, 64, 128, 256), (4, 8, 16, 32))):
+        h, w = 128 // stride, 96 // stride
+        boxes = anchors[start:start + h * w * 4].view(h, w, 4, 4)  # (row, column, ratio, xyxy)
+        start += h * w * 4
+        # independent reference: area size^2, height / width = ratio, centred on (0, 0); torchvision rounds the
+        # corners to whole pixels, hence atol 0.5
+        ratios = torch.tensor([0.5, 1.0, 1.5, 2.0])
+        half_w, half_h = size / ratios.sqrt() / 2, size * ratios.sqrt() / 2
+        torch.testing.assert_close(boxes[0, 0], torch.stack([-half_w, -half_h, half_w, half_h], dim=1),
+                                   atol=0.5, rtol=0)
+        # anchors are centred on the level's grid: one stride apart in x and y
+        torch.testing.assert_close(boxes[0, 1] - boxes[0, 0], torch.tensor([stride, 0.0, stride, 0.0]).expand(4, 4))
+        torch.testing.assert_close(boxes[1, 0] - boxes[0, 0], torch.tensor([0.0, stride, 0.0, stride]).expand(4, 4))
+    assert start == anchors.shape[0]
+
+
+def test_detection_trainable_state_dict_excludes_only_the_frozen_body():
+    cfg = tiny_cfg("model.kind=detection", "model.neck=lgffn_d", "model.det_min_size=128", "model.det_max_size=128")
+    a, b = build_model(cfg), build_model(cfg)
+    sd = a.trainable_state_dict()
+    assert not any(k.startswith("backbone.body.") for k in sd)
+    assert {k.split(".")[0] for k in sd} == {"backbone", "rpn", "roi_heads"} and any(".stem." in k for k in sd)
+    frozen = {k for k in a.state_dict() if k.startswith("backbone.body.")}
+    assert frozen and set(sd) | frozen == set(a.state_dict())
+    assert {id(p) for p in a.trainable_parameters()} == {id(p) for k, p in a.named_parameters() if k in sd}
+    b.load_trainable_state_dict(sd)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in sd.items())
+    with pytest.raises(CheckpointError, match=r"ckpt does not match LGFFDetectionModel: 1 missing"):
+        b.load_trainable_state_dict({k: v for k, v in sd.items() if k != "rpn.head.conv.0.0.weight"}, "ckpt")
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("preset,neck_params", [("lgffdm_lgffn_d", "9,399,040"), ("lgffdm_bifpn", "2,050,630")])
 def test_models_summary_prints_neck_params(preset, neck_params, capsys):

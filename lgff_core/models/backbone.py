@@ -34,8 +34,9 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
+from .. import storage
 from ..config import ConfigError
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StorageError
 
 __all__ = [
     "FrozenBackbone",
@@ -94,16 +95,14 @@ def package_weights_path(spec: str) -> str:
 
 
 def _read_source(uri: str) -> bytes:
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        try:
-            with open(path, "rb") as fh:
-                return fh.read()
-        except OSError as exc:
-            raise CheckpointError(f"backbone weights {uri}: cannot read ({exc.strerror or exc})") from None
-    from ..storage import read_bytes  # lazy: storage is optional for purely local use
-
-    return read_bytes(uri)
+    """Bytes of a weights file (local path, ``file://`` or ``s3://``); an unreadable local file -> `CheckpointError`."""
+    try:
+        return storage.read_bytes(uri)
+    except StorageError as exc:
+        if not storage.is_local(uri):
+            raise
+        reason = getattr(exc.__cause__, "strerror", None) or exc
+        raise CheckpointError(f"backbone weights {uri}: cannot read ({reason})") from None
 
 
 def read_state_dict(data: bytes, origin: str) -> "OrderedDict[str, torch.Tensor]":

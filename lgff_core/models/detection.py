@@ -9,7 +9,6 @@ normalised with the backbone's own mean / std and padded to a multiple of 32 by 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -17,17 +16,16 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..errors import CheckpointError
 from .backbone import FrozenBackbone
 from .pyramid import PyramidNeck
 from .stem import build_stems
+from .trainable import TrainableStateMixin
 
 __all__ = ["NeckBackbone", "LGFFDetectionModel", "ANCHOR_SIZES", "ASPECT_RATIOS", "FEATURE_NAMES"]
 
 ANCHOR_SIZES = ((32,), (64,), (128,), (256,))
 ASPECT_RATIOS = ((0.5, 1.0, 1.5, 2.0),) * 4
 FEATURE_NAMES = ["0", "1", "2", "3"]
-FROZEN_PREFIX = "backbone.body."
 
 
 class NeckBackbone(nn.Module):
@@ -49,7 +47,9 @@ class NeckBackbone(nn.Module):
         return OrderedDict(zip(FEATURE_NAMES, outs))
 
 
-class LGFFDetectionModel(MaskRCNN):
+class LGFFDetectionModel(TrainableStateMixin, MaskRCNN):
+    frozen_prefix = "backbone.body."  # MaskRCNN.backbone is the NeckBackbone; its .body is the frozen timm model
+
     def __init__(
         self,
         backbone: FrozenBackbone,
@@ -74,22 +74,3 @@ class LGFFDetectionModel(MaskRCNN):
     @property
     def frozen_backbone(self) -> FrozenBackbone:
         return self.backbone.body
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
-
-    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor], origin: str = "state dict") -> None:
-        expected = self.trainable_state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(f"{origin} does not match {type(self).__name__}: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
-        for key, ref in expected.items():
-            if tuple(state_dict[key].shape) != tuple(ref.shape):
-                raise CheckpointError(f"{origin}: {key} has shape {tuple(state_dict[key].shape)}, the model "
-                                      f"expects {tuple(ref.shape)}")
-        self.load_state_dict(dict(state_dict), strict=False)

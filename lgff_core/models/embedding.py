@@ -11,27 +11,26 @@ Inputs may be channels_last and the forward may run under ``torch.autocast(..., 
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
 from .backbone import FrozenBackbone
 from .gem import GeM
 from .heads import GeMHead
 from .pyramid import PyramidNeck
 from .stem import build_stems
+from .trainable import TrainableStateMixin
 
 __all__ = ["FrozenBackboneEmbedder", "LGFFEmbeddingModel", "GeMBaselineModel"]
 
-BACKBONE_PREFIX = "backbone."
 
-
-class FrozenBackboneEmbedder(nn.Module):
+class FrozenBackboneEmbedder(TrainableStateMixin, nn.Module):
     """Shared part of the embedding models: frozen ``backbone`` + a trainable rest (``forward_head``)."""
 
+    frozen_prefix = "backbone."
     backbone: FrozenBackbone
     embedding_dim: int
 
@@ -45,29 +44,6 @@ class FrozenBackboneEmbedder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
-
-    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor], origin: str = "state dict") -> None:
-        """Load everything but the backbone; key or shape mismatches raise `CheckpointError` naming them."""
-        expected = self.trainable_state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{origin} does not match {type(self).__name__}: {len(missing)} missing {missing[:5]}, "
-                f"{len(unexpected)} unexpected {unexpected[:5]}"
-            )
-        for key, ref in expected.items():
-            if tuple(state_dict[key].shape) != tuple(ref.shape):
-                raise CheckpointError(f"{origin}: {key} has shape {tuple(state_dict[key].shape)}, the model "
-                                      f"expects {tuple(ref.shape)}")
-        result = self.load_state_dict(dict(state_dict), strict=False)
-        assert not result.unexpected_keys and all(k.startswith(BACKBONE_PREFIX) for k in result.missing_keys)
 
 
 class LGFFEmbeddingModel(FrozenBackboneEmbedder):
