@@ -135,10 +135,7 @@ def read_embeddings_manifest(uri: str) -> dict:
     path = storage.join(uri, MANIFEST_NAME)
     if not storage.exists(path):
         raise DataError(f"{uri}: no {MANIFEST_NAME}; not an embeddings set (or `lgff embed` has not finished)")
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    manifest = storage.read_json(path)
     if manifest.get("kind") != "embeddings":
         raise DataError(f"{path}: kind={manifest.get('kind')!r}, expected 'embeddings' (is this a dataset?)")
     return manifest

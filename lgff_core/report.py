@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -56,10 +55,7 @@ def load_metrics(uri: str) -> dict:
     path = uri if str(uri).endswith(".json") else storage.join(uri, "metrics.json")
     if not storage.exists(path):
         raise DataError(f"{uri}: no metrics JSON (looked for {path})")
-    try:
-        data = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    data = storage.read_json(path)
     if not isinstance(data, dict) or "metrics" not in data:
         raise DataError(f"{path}: not an `lgff evaluate` metrics file (no 'metrics' key)")
     return data

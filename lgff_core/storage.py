@@ -15,6 +15,7 @@ Transient S3 errors are retried twice over: by the AWS SDK's standard retry stra
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mmap
 import os
@@ -29,7 +30,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .errors import StorageError
+from .errors import DataError, StorageError
 
 __all__ = [
     "get_filesystem",
@@ -260,6 +261,14 @@ def read_bytes(uri: str) -> bytes:
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
     return read_bytes(uri).decode(encoding)
+
+
+def read_json(uri: str, error: type[Exception] = DataError):
+    """Parsed JSON at `uri`; malformed content raises `error` naming the URI and the parse position."""
+    try:
+        return json.loads(read_text(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{uri}: not valid JSON ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------- writing

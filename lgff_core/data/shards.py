@@ -201,7 +201,7 @@ def read_manifest(uri: str) -> Manifest:
     murl = storage.join(uri, MANIFEST_NAME)
     try:
         text = storage.read_text(murl)
-    except StorageError as exc:
+    except StorageError:
         if not storage.exists(murl):
             raise DataError(f"{uri}: not a dataset (no {MANIFEST_NAME}; an interrupted prep leaves none)") from None
         raise

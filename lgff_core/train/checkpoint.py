@@ -130,10 +130,7 @@ def read_sidecar(uri: str) -> dict[str, Any]:
             raise CheckpointError(f"{prefix}: holds pickled checkpoint(s) ({', '.join(map(storage.basename, pickles))}), "
                                   f"which are not loaded; expected {MODEL_FILE} + {SIDECAR_FILE}")
         raise CheckpointError(f"{prefix}: no {SIDECAR_FILE}: not a checkpoint, or an incomplete one")
-    try:
-        meta = json.loads(storage.read_text(sidecar_uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{sidecar_uri}: not valid JSON ({exc})") from None
+    meta = storage.read_json(sidecar_uri, error=CheckpointError)
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{sidecar_uri}: not an LGFF checkpoint sidecar (format {meta.get('format')!r}, "
                               f"expected {CHECKPOINT_FORMAT!r})" if isinstance(meta, dict) else
