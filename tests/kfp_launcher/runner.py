@@ -137,13 +137,15 @@ class RunResult:
 
 
 def parse_pipeline_spec(path: str | os.PathLike) -> tuple[pb.PipelineSpec, Optional[pb.PlatformSpec]]:
-    """The compiled YAML's ``PipelineSpec`` and ``PlatformSpec`` (None if absent), unknown fields rejected; each
-    kubernetes executor config must also parse as kfp-kubernetes' ``KubernetesExecutorConfig``."""
+    """The compiled YAML's ``PipelineSpec`` and ``PlatformSpec`` (None if absent), unknown fields rejected
+    (`json_format.ParseError`). The spec's ``deploymentSpec`` (a Struct in the proto) must also parse as a
+    ``PipelineDeploymentConfig``, and each kubernetes executor config as kfp-kubernetes' ``KubernetesExecutorConfig``."""
     with open(path) as f:
         docs = [d for d in yaml.safe_load_all(f) if d is not None]
     if not docs or len(docs) > 2:
         raise ValueError(f"{path}: expected a pipeline spec and an optional platform spec, got {len(docs)} documents")
     spec = json_format.ParseDict(docs[0], pb.PipelineSpec(), ignore_unknown_fields=False)
+    deployment_config(spec)
     platform = None
     if len(docs) == 2:
         platform = json_format.ParseDict(docs[1], pb.PlatformSpec(), ignore_unknown_fields=False)
@@ -152,6 +154,11 @@ def parse_pipeline_spec(path: str | os.PathLike) -> tuple[pb.PipelineSpec, Optio
                 json_format.ParseDict(json_format.MessageToDict(config), k8s_pb2.KubernetesExecutorConfig(),
                                       ignore_unknown_fields=False)
     return spec, platform
+
+
+def deployment_config(spec: pb.PipelineSpec) -> pb.PipelineDeploymentConfig:
+    return json_format.ParseDict(json_format.MessageToDict(spec.deployment_spec), pb.PipelineDeploymentConfig(),
+                                 ignore_unknown_fields=False)
 
 
 def _plain(value: Any) -> Any:
@@ -316,6 +323,7 @@ class _Run:
         self.spec, self.executor, self.image, self.store = spec, executor, image, store
         self.env, self.secrets, self.keep = dict(env), secrets, keep_sandboxes
         self.pipeline = spec.pipeline_info.name
+        self.executors = deployment_config(spec).executors
         self.k8s = {}
         if platform is not None and "kubernetes" in platform.platforms:
             self.k8s = {label: _struct(cfg) for label, cfg in
@@ -342,7 +350,7 @@ class _Run:
             problems += self._task_problems(f"root/{tname}", task)
         if self.spec.root.input_definitions.artifacts:
             problems.append("pipeline-level input artifacts")
-        for label, ex in self.spec.deployment_spec.executors.items():
+        for label, ex in self.executors.items():
             if ex.HasField("container"):
                 extra = {f.name for f, _ in ex.container.ListFields()} - {"image", "command", "args", "env",
                                                                            "resources"}
@@ -504,7 +512,7 @@ class _Run:
             for name in comp.output_definitions.artifacts:
                 collected["artifacts"][name] = [a for o in per_iteration for a in o["artifacts"].get(name, [])]
             return collected
-        executor = self.spec.deployment_spec.executors[comp.executor_label]
+        executor = self.executors[comp.executor_label]
         if executor.HasField("importer"):
             return self._import(tname, task, executor.importer, params, where, scope.iteration)
         return self._container(tname, task, comp, executor.container, params, artifacts, where, scope.iteration)
