@@ -219,23 +219,38 @@ def test_fanout_collected_importer_condition_env_and_secrets(s3_env, tmp_path):
     assert imported.status == "imported" and imported.outputs["artifact"][0]["uri"] == source
     assert [(t.name, t.parameters["Output"]) for t in result.tasks if t.name.startswith("flag")] == [
         ("flag", "big:bar:t0k")]  # set_env_variable + secretAsEnv; the Else branch never ran
-    assert [t.status for t in result.tasks if t.name == "condition-3"] == ["skipped"]
+    assert [(t.name, t.status) for t in result.tasks if t.name.startswith("condition-")] == [
+        ("condition-6", "skipped")]
 
     # reimport=False: the same URI is the same artifact, so new bytes at that URI are still cache hits (KFP's
     # cache key follows artifact identity, not content)
     _put(s3_env, source, b"NEW")
     again = run_pipeline(package, arguments={"n": 3, "uri": source}, **kwargs)
-    assert {t.status for t in again.tasks if t.name not in ("importer", "condition-3")} == {"cached"}
+    assert {t.status for t in again.tasks if t.name not in ("importer", "condition-6")} == {"cached"}
     assert next(t for t in again.tasks if t.name == "gather").parameters == gathered.parameters
 
     with pytest.raises(ValueError, match="secret 'tokens' is not among"):
         run_pipeline(package, arguments={"n": 3, "uri": source}, pipeline_root=root, secrets={})
 
 
-def test_failing_task_reports_its_output(s3_env, tmp_path):
-    with pytest.raises(TaskFailed, match=r"task plan \(plan\) failed with exit code 1(.|\n)*ValueError"):
-        run_pipeline(_compile(fanout, tmp_path), pipeline_root=s3_env.new_prefix("root"),
-                     arguments={"n": "not-a-number", "uri": "s3://lgff-test/x"})
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def boom(message: str):
+    raise ValueError(message)
+
+
+@dsl.pipeline(name="failing")
+def failing(message: str = "kaputt"):
+    boom(message=message).set_retry(num_retries=1)
+
+
+def test_failing_task_is_retried_then_reports_its_output(s3_env, tmp_path):
+    package = _compile(failing, tmp_path)
+    with pytest.raises(TaskFailed, match=r"task boom \(boom\) failed with exit code 1 after 2 attempt(.|\n)*kaputt"):
+        run_pipeline(package, pipeline_root=s3_env.new_prefix("root"))
+    with pytest.raises(ValueError, match="pipeline argument 'n': expected NUMBER_INTEGER, got 'three'"):
+        run_pipeline(_compile(fanout, tmp_path), pipeline_root="s3://lgff-test/x", arguments={"n": "three"})
+    with pytest.raises(ValueError, match="unknown pipeline argument"):
+        run_pipeline(package, pipeline_root="s3://lgff-test/x", arguments={"mesage": "typo"})
 
 
 def test_parse_pipeline_spec_rejects_unknown_fields(tmp_path):

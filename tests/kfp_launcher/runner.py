@@ -410,7 +410,10 @@ class _Run:
     def _coerce(name: str, value: Any, ptype: int) -> Any:
         kind = pb.ParameterType.ParameterTypeEnum.Name(ptype)
         if kind != "STRING" and isinstance(value, str):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # reported below as a type mismatch
         ok = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": (int, float), "BOOLEAN": bool,
               "LIST": list, "STRUCT": dict}.get(kind, object)
         if not isinstance(value, ok) or (kind == "NUMBER_INTEGER" and isinstance(value, bool)):
