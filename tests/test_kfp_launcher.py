@@ -283,6 +283,22 @@ def test_unimplemented_features_fail_before_anything_runs(tmp_path):
         run_pipeline(_compile(with_exit_handler, tmp_path), pipeline_root="s3://lgff-test/unused")
 
 
+@dsl.pipeline(name="single")
+def single():
+    constant()
+
+
+def test_cli_prints_the_task_table_and_exit_codes(s3_env, tmp_path, capsys):
+    from kfp_launcher.__main__ import main
+
+    assert main([_compile(single, tmp_path), "--pipeline-root", s3_env.new_prefix("root")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["task", "display", "name", "status", "downloaded", "uploaded", "seconds"]
+    assert out.splitlines()[1].split()[:3] == ["constant", "constant", "executed"]
+    assert main([_compile(with_exit_handler, tmp_path), "--pipeline-root", "s3://lgff-test/x"]) == 2
+    assert "not implemented by the launcher-contract runner" in capsys.readouterr().err
+
+
 @pytest.mark.cluster
 def test_docker_executor_runs_each_task_in_its_own_container(s3_env, tmp_path):
     image = os.environ.get("KFP_RUNNER_IMAGE")

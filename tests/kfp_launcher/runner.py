@@ -103,6 +103,7 @@ class TaskRecord:
     parameters: dict[str, Any] = field(default_factory=dict)  # output parameter name -> value
     fingerprint: str = ""
     attempts: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # last attempt: download / run / upload seconds
 
 
 @dataclass
@@ -615,6 +616,8 @@ class _Run:
         record.seconds = time.monotonic() - start
         record.bytes_downloaded = outcome.get("bytes_downloaded", 0)
         record.bytes_uploaded = outcome.get("bytes_uploaded", 0)
+        record.timings = {k: outcome[f"seconds_{k}"] for k in ("download", "run", "upload") if f"seconds_{k}" in outcome}
+        log.debug("%s output:\n%s", where, text)
         if outcome.get("returncode") != 0:
             self.result.tasks.append(record)
             tail = "\n".join(text.splitlines()[-40:])
