@@ -60,6 +60,7 @@ def consume(n: int, data: Input[Dataset], folder: Input[Artifact], report: Outpu
         "launcher_env": sorted(k for k in os.environ if k.startswith("KFP_LAUNCHER_")),
         "endpoint": os.environ.get("AWS_ENDPOINT_URL", ""),
         "path_prefix": data.path.split("/s3/")[0] + "/s3/",
+        "uid": os.getuid(), "root_fs_writable": os.access("/", os.W_OK),
     }
     with open(report.path, "w") as f:
         json.dump(facts, f)
@@ -307,4 +308,7 @@ def test_docker_executor_runs_each_task_in_its_own_container(s3_env, tmp_path):
     result = run_pipeline(_compile(chain, tmp_path), pipeline_root=s3_env.new_prefix("root"),
                           arguments={"text": "in-a-box"}, executor="docker", image=image)
     facts = json.loads(_read(s3_env, next(t for t in result.tasks if t.name == "consume").outputs["report"][0]["uri"]))
-    assert facts["text"] == "in-a-box" and facts["path_prefix"] == "/s3/" and not facts["stray"]
+    assert facts["text"] == "in-a-box" and facts["files"] == ["f0.bin", "f2.bin", "sub/f1.bin"]
+    assert facts["path_prefix"] == "/s3/" and not facts["stray"] and not facts["home_leak"]
+    assert facts["uid"] == 1000 and facts["root_fs_writable"] is False and facts["launcher_env"] == []
+    assert next(t for t in result.tasks if t.name == "consume").bytes_downloaded == len("in-a-box") + 600
