@@ -257,7 +257,8 @@ def test_failing_task_is_retried_then_reports_its_output(s3_env, tmp_path):
 def test_parse_pipeline_spec_rejects_unknown_fields(tmp_path):
     package = _compile(fanout, tmp_path)
     spec, platform = parse_pipeline_spec(package)
-    assert spec.pipeline_info.name == "fanout" and "exec-flag" in platform.platforms["kubernetes"].deployment_spec.executors
+    assert spec.pipeline_info.name == "fanout"
+    assert "exec-flag" in platform.platforms["kubernetes"].deployment_spec.executors
 
     docs = list(yaml.safe_load_all(open(package)))
     docs[0]["root"]["dag"]["tasks"]["plan"]["retryPolicyTypo"] = {"maxRetryCount": 1}

@@ -9,7 +9,8 @@ What it emulates (kubeflow/pipelines ``backend/src/v2``: ``driver/``, ``componen
   of parameters (a list) and artifacts (an artifact list), ``dsl.OneOf``;
 - per container task, what the driver resolves: input parameters / artifacts, output artifact URIs
   ``<pipeline_root>/<pipeline name>/<run id>/<task name>/<uuid>/<output name>`` (the driver's ``provisionOutputs``),
-  output parameter files ``/tmp/kfp/outputs/<name>``, the executor output file ``<local task root>/output_metadata.json``;
+  output parameter files ``/tmp/kfp/outputs/<name>``, the executor output file
+  ``<local task root>/output_metadata.json``;
   the container's env, and ``secretAsEnv`` of the kubernetes platform spec from a dict of fake secrets;
 - the launcher, in the task's own sandbox or container (`shim.py`): every input artifact downloaded to
   ``/s3/<bucket>/<key>`` (``/minio/...``), the placeholders substituted (``{{$}}`` with component defaults added,
@@ -140,7 +141,7 @@ class RunResult:
 def parse_pipeline_spec(path: str | os.PathLike) -> tuple[pb.PipelineSpec, Optional[pb.PlatformSpec]]:
     """The compiled YAML's ``PipelineSpec`` and ``PlatformSpec`` (None if absent), unknown fields rejected
     (`json_format.ParseError`). The spec's ``deploymentSpec`` (a Struct in the proto) must also parse as a
-    ``PipelineDeploymentConfig``, and each kubernetes executor config as kfp-kubernetes' ``KubernetesExecutorConfig``."""
+    ``PipelineDeploymentConfig``, each kubernetes executor config as kfp-kubernetes' ``KubernetesExecutorConfig``."""
     with open(path) as f:
         docs = [d for d in yaml.safe_load_all(f) if d is not None]
     if not docs or len(docs) > 2:
@@ -331,11 +332,11 @@ class _Run:
                         platform.platforms["kubernetes"].deployment_spec.executors.items()}
         self.result = RunResult(self.pipeline, run_id, pipeline_root.rstrip("/"))
         self.task_root = f"{self.result.pipeline_root}/{self.pipeline}/{run_id}"
-        env_src = os.environ
-        self.launcher_env = {shim.LAUNCHER_ENV_PREFIX + "S3_ENDPOINT": s3_endpoint or env_src.get("AWS_ENDPOINT_URL", ""),
-                             shim.LAUNCHER_ENV_PREFIX + "S3_REGION": env_src.get("AWS_REGION", "us-east-1"),
-                             shim.LAUNCHER_ENV_PREFIX + "S3_ACCESS_KEY": env_src.get("AWS_ACCESS_KEY_ID", ""),
-                             shim.LAUNCHER_ENV_PREFIX + "S3_SECRET_KEY": env_src.get("AWS_SECRET_ACCESS_KEY", "")}
+        own = os.environ  # the launcher's object-store settings (a cluster's kfp-launcher config + secret)
+        self.launcher_env = {shim.LAUNCHER_ENV_PREFIX + k: v for k, v in {
+            "S3_ENDPOINT": s3_endpoint or own.get("AWS_ENDPOINT_URL", ""), "S3_REGION": own.get("AWS_REGION", ""),
+            "S3_ACCESS_KEY": own.get("AWS_ACCESS_KEY_ID", ""), "S3_SECRET_KEY": own.get("AWS_SECRET_ACCESS_KEY", ""),
+        }.items()}
 
     # ---- validation (before anything runs)
 
@@ -616,7 +617,8 @@ class _Run:
         record.seconds = time.monotonic() - start
         record.bytes_downloaded = outcome.get("bytes_downloaded", 0)
         record.bytes_uploaded = outcome.get("bytes_uploaded", 0)
-        record.timings = {k: outcome[f"seconds_{k}"] for k in ("download", "run", "upload") if f"seconds_{k}" in outcome}
+        record.timings = {k: outcome[f"seconds_{k}"] for k in ("download", "run", "upload")
+                          if f"seconds_{k}" in outcome}
         log.debug("%s output:\n%s", where, text)
         if outcome.get("returncode") != 0:
             self.result.tasks.append(record)
