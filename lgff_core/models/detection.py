@@ -59,6 +59,7 @@ class LGFFDetectionModel(TrainableStateMixin, MaskRCNN):
         min_size: int = 800,
         max_size: int = 1333,
         neck_name: str = "lgffn_d",
+        detections_per_img: int = 100,
     ) -> None:
         data_config = backbone.data_config
         super().__init__(
@@ -71,6 +72,7 @@ class LGFFDetectionModel(TrainableStateMixin, MaskRCNN):
             rpn_anchor_generator=AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=ASPECT_RATIOS),
             box_roi_pool=MultiScaleRoIAlign(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2),
             mask_roi_pool=MultiScaleRoIAlign(featmap_names=FEATURE_NAMES, output_size=14, sampling_ratio=2),
+            box_detections_per_img=detections_per_img,
         )
 
     @property
