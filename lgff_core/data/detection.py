@@ -9,7 +9,7 @@
   stays as a negative (empty targets).
 - `DetectionDataset(uri, split, transform)`: map-style dataset over the rows of one split, in dataset order. The
   annotation index (no image bytes) is read once; an item's image is read on demand from its row group, so memory
-  is the index plus one row group.
+  is the index plus one shard's encoded images.
 - `detection_train_transform(aug)`: torchvision.transforms.v2 on tv_tensors (image, boxes, masks move together):
   horizontal / vertical flips and a random multiple of 90 degrees (histology has no "up"), then float [0, 1].
 """
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .images import decode_array
-from .shards import Manifest, iter_row_range, read_manifest, read_table
+from .shards import Manifest, read_manifest, read_table
 
 __all__ = ["detection_categories", "annotations_to_target", "DetectionDataset", "detection_train_transform",
            "detection_eval_transform", "collate_detection", "RandomRotate90"]
@@ -148,18 +148,25 @@ class DetectionDataset(Dataset):
                          "width": int(cols["width"][i]), "height": int(cols["height"][i]), "annotations": anns[i] or []}
                         for i in self.rows]
         self.transform = transform or detection_eval_transform()
+        self._shard_images = None  # (shard index, image column): memory = one shard's encoded images
 
     def __len__(self) -> int:
         return len(self.records)
 
     def read_image(self, index: int) -> np.ndarray:
+        """RGB pixels of item `index`; the image column of one shard is kept (items of a shard are read together)."""
+        import bisect
+
         rec = self.records[index]
-        for _, batch in iter_row_range(self.uri, rec["row"], rec["row"] + 1, columns=["image"], manifest=self.manifest):
-            pixels = decode_array(batch.column(0)[0].as_py())
-            if pixels.ndim == 2:
-                pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-            return pixels[:, :, :3]
-        raise DataError(f"{self.uri}: row {rec['row']} ({rec['sample_id']}) not found")  # pragma: no cover
+        offsets = self.manifest.shard_offsets()
+        shard = bisect.bisect_right(offsets, rec["row"]) - 1
+        if self._shard_images is None or self._shard_images[0] != shard:
+            table = read_table(self.uri, columns=["image"], shards=[shard], manifest=self.manifest)
+            self._shard_images = (shard, table.column("image"))
+        pixels = decode_array(self._shard_images[1][rec["row"] - offsets[shard]].as_py())
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        return pixels[:, :, :3]
 
     def target(self, index: int) -> dict[str, torch.Tensor]:
         rec = self.records[index]
