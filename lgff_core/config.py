@@ -86,6 +86,11 @@ class ModelConfig:
     # detection only: Mask R-CNN's GeneralizedRCNNTransform resizes the shorter side to det_min_size (longer <= max)
     det_min_size: int = 800
     det_max_size: int = 1333
+    # detection only: all categories as one foreground class ("nucleus"; num_classes must then be 2), or one class
+    # per dataset category (manifest extra.categories order; num_classes = categories + 1)
+    det_class_agnostic: bool = True
+    # detection only: detections kept per image (Mask R-CNN box_detections_per_img; dense nuclei tiles need hundreds)
+    det_detections_per_img: int = 100
     # GeM exponent of the no-neck baseline (frozen backbone + GeM on its last level; fixed, not learned)
     baseline_gem_p: float = 3.0
 
@@ -201,6 +206,12 @@ class EvaluateConfig:
     mv_k: int = 5
     # also drop database rows from the query's group (scan / slide): leakage-free numbers
     exclude_same_group: bool = False
+    # detection: COCOeval maxDets (the largest is the one AP / AR are read at); split evaluated
+    det_max_dets: int = 100
+    det_split: str = "test"
+    # detection report: images drawn with their predicted masks, and the score threshold for drawing
+    det_report_images: int = 4
+    det_draw_score: float = 0.5
 
 
 @dataclass
@@ -379,7 +390,8 @@ def _check_choices(cfg: LGFFConfig, origin: str) -> None:
         value = _get_dotted(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{origin}: {key}={value!r} is not one of {', '.join(allowed)}")
-    positive = ("model.channels", "model.num_layers", "train.epochs", "train.batch_size", "loss.num_subcenters")
+    positive = ("model.channels", "model.num_layers", "train.epochs", "train.batch_size", "loss.num_subcenters",
+                "model.det_detections_per_img", "evaluate.det_max_dets")
     for key in positive:
         if _get_dotted(cfg, key) <= 0:
             raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")

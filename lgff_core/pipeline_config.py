@@ -24,6 +24,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "embed": ("seed", "model", "embed", "train.image_size", "train.device"),
     "index": ("seed", "index"),
     "evaluate": ("seed", "index", "evaluate"),
+    "evaluate_detection": ("seed", "evaluate", "train.device", "train.batch_size"),
     "report": ("name", "evaluate"),
 }
 

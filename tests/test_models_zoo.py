@@ -271,7 +271,7 @@ def test_detection_trainable_state_dict_excludes_only_the_frozen_body():
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-@pytest.mark.parametrize("preset,neck_params", [("lgffdm_lgffn_d", "9,399,040"), ("lgffdm_bifpn", "2,050,630")])
+@pytest.mark.parametrize("preset,neck_params", [("lgffdm_lgffn_d", "9,461,760"), ("lgffdm_bifpn", "2,050,630")])
 def test_models_summary_prints_neck_params(preset, neck_params, capsys):
     from lgff_core.cli import main
 

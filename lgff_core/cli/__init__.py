@@ -51,6 +51,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that relaunch themselves (train --nproc)
     setup_logging(args.verbose, args.quiet)
     try:
         code = args.func(args)

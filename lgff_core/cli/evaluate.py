@@ -3,6 +3,8 @@
   lgff evaluate retrieval --neighbors N.parquet --protocol test-vs-train --out metrics.json
   lgff evaluate retrieval --embeddings E --protocol leave-one-out --out metrics.json   (exact full ranking: mAP)
   lgff evaluate roxford --gnd gnd_roxford5k.pkl --embeddings E [--queries EQ] --out metrics.json
+  lgff evaluate detection --model RUN/best --data COCO_URI --out DIR [--max-dets N] [--split test]
+      (COCO bbox + segm AP with pycocotools; DIR gets predictions.json, overlays/, report.md/.html, metrics.json)
 """
 from __future__ import annotations
 
@@ -58,6 +60,16 @@ def register(subparsers) -> None:
     o.add_argument("--model")
     o.set_defaults(func=_roxford)
 
+    d = sub.add_parser("detection", help="COCO AP / AR (bbox, segm) of a trained LGFFDM on a COCO-form dataset")
+    d.add_argument("--model", required=True, help="detection checkpoint (a training run's best/ or last/)")
+    d.add_argument("--data", required=True, help="COCO-form dataset URI (lgff prep coco, or samples nuclei-coco)")
+    d.add_argument("--out", required=True, help="output directory URI")
+    d.add_argument("--max-dets", type=int, help="COCOeval maxDets used for AP / AR (default: evaluate.det_max_dets)")
+    d.add_argument("--split", help="split evaluated (default: evaluate.det_split)")
+    d.add_argument("--label", help="model name in the metrics and reports (default: the checkpoint's config name)")
+    add_config_args(d)
+    d.set_defaults(func=_detection)
+
 
 def _fmt(v):
     return "-" if v is None else (f"{100 * v:6.2f}" if isinstance(v, float) else str(v))
@@ -102,5 +114,24 @@ def _roxford(args) -> int:
     write_metrics(result, args.out)
     for setup, m in result["metrics"].items():
         print(f"  {setup:>6s} mAP {_fmt(m['map'])}  mP@10 {_fmt(m.get('mp@10'))}")
+    print(f"-> {args.out}")
+    return 0
+
+
+def _detection(args) -> int:
+    from ..config import ConfigError
+    from ..detection_eval import evaluate_detection
+    from ..report_detection import write_single_report
+
+    cfg = load_args_config(args)
+    if args.max_dets is not None and args.max_dets < 1:
+        raise ConfigError(f"--max-dets {args.max_dets}: must be >= 1")
+    result = evaluate_detection(args.model, args.data, args.out, cfg, split=args.split, max_dets=args.max_dets,
+                                label=args.label, progress=True)
+    write_single_report(result, args.out)
+    print(f"{result['model']} on {result['split']}: {result['n_images']} images, {result['n_gt']} instances, "
+          f"maxDets {result['max_dets']}")
+    for iou_type in ("bbox", "segm"):
+        print(f"  {iou_type:>5s} " + "  ".join(f"{k} {_fmt(v)}" for k, v in result[iou_type].items()))
     print(f"-> {args.out}")
     return 0

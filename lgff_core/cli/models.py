@@ -66,7 +66,8 @@ def run_summary(args: argparse.Namespace) -> int:
     console.print(table)
     by_part = {row["part"]: row["params"] for row in info["parts"]}
     if "neck" in by_part:
-        console.print(f"neck: {_fmt(by_part['neck'])}; neck + stem: {_fmt(by_part['neck'] + by_part['stem'])}")
+        console.print(f"neck: {_fmt(by_part['neck'])}; stem: {_fmt(by_part['stem'])}; "
+                      f"neck + stem: {_fmt(by_part['neck'] + by_part['stem'])}")
     if loss is not None:
         console.print(f"loss: Sub-center ArcFace with {args.num_classes} classes (--num-classes), "
                       f"K={cfg.loss.num_subcenters}, s={cfg.loss.scale}, m={cfg.loss.margin_deg} deg")

@@ -1,4 +1,5 @@
-"""`lgff report`: one self-contained HTML + Markdown comparing evaluated runs, model vs baseline (lgff_core.report).
+"""`lgff report`: one self-contained HTML + Markdown comparing evaluated runs, model vs baseline (lgff_core.report);
+detection metrics (`lgff evaluate detection`) get the necks side by side in Table 5.3's layout (report_detection).
 
   lgff report --metrics model/metrics.json baseline/metrics.json --out REPORT_DIR
 """
@@ -22,7 +23,15 @@ def register(subparsers) -> None:
 
 
 def _report(args) -> int:
-    from ..report import write_report
+    from ..report import load_metrics, write_report
+
+    if any(load_metrics(uri).get("kind") == "detection" for uri in args.metrics):
+        from ..report_detection import write_detection_report
+
+        title = args.title if args.title != "LGFF retrieval report" else "LGFFDM: LGFFN-D vs BiFPN (Table 5.3 layout)"
+        out = write_detection_report(args.metrics, args.out, title=title)
+        print(f"detection report ({len(out['rows'])} rows) -> {out['html']}")
+        return 0
 
     out = write_report(args.metrics, args.out, title=args.title, n_query_examples=args.examples)
     print(f"report ({len(out['figures'])} figures, baseline: {out['baseline'] or 'none'}) -> {out['html']}")

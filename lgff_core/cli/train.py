@@ -1,9 +1,13 @@
-"""`lgff train`: train one strategy stage of the embedding model (a thin call into `lgff_core.train.train_stage`).
+"""`lgff train`: train one strategy stage (a thin call into `lgff_core.train`): the embedding model
+(`train_stage`) or, for `model.kind: detection`, LGFFDM on a COCO-form dataset (`train.detection.train_detection`).
 
     lgff train --config lgffem_cpu --data DATA_URI --out OUT_URI [--stage N] [--init CKPT] [--resume]
-               [--feature-cache URI] [--set train.epochs=2 ...]
+               [--feature-cache URI] [--nproc N] [--set train.epochs=2 ...]
 
 `--stage N` applies strategy stage N's overrides (and its `data` URI, when set, replaces --data).
+`--nproc N` (N > 1) relaunches this command as N worker processes with `torch.distributed.run` (torchrun,
+single node) over the machine's devices: DistributedDataParallel with nccl on CUDA, gloo on CPU;
+`train.batch_size` is per process. Only rank 0 writes checkpoints and prints the summary.
 """
 from __future__ import annotations
 
@@ -26,7 +30,37 @@ def register(subparsers) -> None:
     p.add_argument("--feature-cache", metavar="URI", help="cache frozen-backbone features here and train from them")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
                    help="end this invocation after epoch N (the run can be continued with --resume)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel worker processes on this machine (torchrun; default 1 = no DDP)")
     p.set_defaults(func=run)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `lgff <argv>` as `nproc` torchrun workers (standalone rendezvous on this host); returns the exit code."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from ..errors import LGFFError
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise LGFFError(f"--nproc {nproc}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lgff_core", *argv]
+    return subprocess.call(cmd)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train_stage
     from ..train.trainer import StopTraining
 
+    if args.nproc < 1:
+        raise DataError(f"--nproc {args.nproc}: must be >= 1")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: become its launcher
+        cfg = load_args_config(args)  # bad config -> one error here, not one per worker
+        return launch_torchrun(args.nproc, _without_nproc(list(args.argv)))
     cfg = load_args_config(args)
     stage_cfg = cfg.stage(args.stage)
     data = cfg.strategy[args.stage].data or args.data
@@ -44,9 +83,16 @@ def run(args: argparse.Namespace) -> int:
         if args.stop_after_epoch is not None and row["epoch"] >= args.stop_after_epoch:
             raise StopTraining
 
-    summary = train_stage(stage_cfg, data, args.out, init=args.init, resume=args.resume,
-                          feature_cache=args.feature_cache, progress=True,
-                          on_epoch_end=stop_hook)
+    if stage_cfg.model.kind == "detection":
+        from ..train.detection import train_detection
+
+        if args.feature_cache:
+            raise DataError("--feature-cache: detection training reads images (augmented boxes and masks)")
+        summary = train_detection(stage_cfg, data, args.out, init=args.init, resume=args.resume, progress=True,
+                                  on_epoch_end=stop_hook)
+    else:
+        summary = train_stage(stage_cfg, data, args.out, init=args.init, resume=args.resume,
+                              feature_cache=args.feature_cache, progress=True, on_epoch_end=stop_hook)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary.get("last")},

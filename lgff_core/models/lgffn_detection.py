@@ -2,11 +2,14 @@
 
 FMBConvCA (fused-MBConv-like block with channel attention):
 
-    FMBConvCA(x) = x + PW(CA(GELU(DW3x3(x))))
+    FMBConvCA(x) = x + BN(PW(CA(GELU(BN(DW3x3(x))))))
     local  CA(y) = y * sigmoid(PW(GELU(PW(y))))          (per-position gate)
     global CA(y) = y * sigmoid(PW(GELU(PW(GAP(y)))))     (SE-like, pooled over H, W)
 
-The attention MLPs reduce C -> C/2 -> C (the same ratio as LGFFN-E's aggregators). Nodes are direct sums
+The attention MLPs reduce C -> C/2 (no bias) -> C (bias), the same ratio as LGFFN-E's aggregators. The two
+BatchNorms (as in a fused-MBConv block) and the bias layout are the ones that reproduce the thesis code's parameter
+count exactly: with the detection stem (`stem.DetectionStem`, 1x1 conv + InstanceNorm) a ConvNeXt-S LGFFN-D
+(C=256, 5 layers) has 9,832,448 parameters, the figure behind Table 5.3's 9.8M. Nodes are direct sums
 (``P3_1 = Fg(P3_0) + FL(up(P4_0))`` ...; graph in `pyramid.NODE_GRAPH`), up = nearest, down = 3x3/s2 max pool.
 Paper: 5 layers, C = 256. Shape contract: 4 x (B, C, H/s, W/s), s = 4..32 -> the same.
 """
@@ -24,7 +27,7 @@ __all__ = ["LocalChannelAttention", "GlobalChannelAttention", "FMBConvCA", "LGFF
 class LocalChannelAttention(nn.Module):
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()
-        self.gate = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, channels, 1))
+        self.gate = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.GELU(), nn.Conv2d(hidden, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.gate(x))
@@ -33,7 +36,7 @@ class LocalChannelAttention(nn.Module):
 class GlobalChannelAttention(nn.Module):
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()
-        self.gate = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, channels, 1))
+        self.gate = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.GELU(), nn.Conv2d(hidden, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.gate(x.mean(dim=(2, 3), keepdim=True)))
@@ -50,12 +53,14 @@ class FMBConvCA(nn.Module):
         hidden = max(channels // reduction, 1)
         attn_cls = {"local": LocalChannelAttention, "global": GlobalChannelAttention}[attention]
         self.dw = nn.Conv2d(channels, channels, kernel_size=3, padding=1, groups=channels)
+        self.dw_norm = nn.BatchNorm2d(channels)
         self.act = nn.GELU()
         self.ca = attn_cls(channels, hidden)
         self.pw = nn.Conv2d(channels, channels, kernel_size=1)
+        self.pw_norm = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.pw(self.ca(self.act(self.dw(x))))
+        return x + self.pw_norm(self.pw(self.ca(self.act(self.dw_norm(self.dw(x))))))
 
 
 class LGFFND(PyramidNeck):

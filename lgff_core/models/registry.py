@@ -55,7 +55,8 @@ def build_model(cfg: LGFFConfig, weights: Optional[str] = None) -> Union[LGFFEmb
     neck = build_neck(m)
     if m.kind == "detection":
         return LGFFDetectionModel(backbone, neck, num_classes=m.num_classes, min_size=m.det_min_size,
-                                  max_size=m.det_max_size)
+                                  max_size=m.det_max_size, neck_name=m.neck,
+                                  detections_per_img=m.det_detections_per_img)
     head = GeMHead(m.channels, num_levels=len(backbone.feature_info), p=m.gem_p, eps=m.gem_eps,
                    learn_p=m.gem_learn_p, dropout=m.dropout)
     return LGFFEmbeddingModel(backbone, neck, head)

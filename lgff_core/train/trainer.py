@@ -553,12 +553,19 @@ def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
+def _restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
+
+
 def _publish(out_uri, model, loss_fn, optimizer, schedule, meta, improved, device) -> None:
     opt_tensors, opt_rest = ckpt.flatten_optimizer_state(optimizer.state_dict())
     opt_tensors.update(_rng_tensors(device))
     meta = dict(meta, optimizer=opt_rest, schedule=schedule.state_dict())
     staging = storage.join(out_uri, STAGING)
-    ckpt.save_checkpoint(staging, model.trainable_state_dict(), meta, loss_state=loss_fn.state_dict(),
+    ckpt.save_checkpoint(staging, model.trainable_state_dict(), meta,
+                         loss_state=loss_fn.state_dict() if loss_fn is not None else None,
                          optimizer_tensors=opt_tensors)
     ckpt.copy_checkpoint(staging, storage.join(out_uri, LAST))
     if improved:
@@ -577,9 +584,7 @@ def _restore(prefix, model, loss_fn, optimizer, schedule, class_names, backbone_
     tensors = ckpt.load_tensors(prefix, ckpt.OPTIMIZER_FILE, meta, device)
     optimizer.load_state_dict(ckpt.unflatten_optimizer_state(tensors, meta["optimizer"]))
     schedule.load_state_dict(meta["schedule"])
-    torch.set_rng_state(tensors["rng.torch"].cpu())
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
+    _restore_rng(tensors, device)
     history = [h for h in _read_metrics(out_uri) if h["epoch"] <= meta["epoch"]]
     best = meta.get("best", {})
     log.info("resuming from %s after epoch %d", prefix, meta["epoch"])

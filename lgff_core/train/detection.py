@@ -1,0 +1,238 @@
+"""Training of LGFFDM (Mask R-CNN on the frozen backbone + LGFFN-D / BiFPN neck; DESIGN.md section 2).
+
+Data: a COCO-form dataset (`data.detection.DetectionDataset`): polygons / RLE -> masks, boxes, labels; images
+without annotations stay in as negatives. Augmentation (train split only, `train.augment`): flips and random
+90-degree rotations on tv_tensors. Optimiser: AdamW over the stem + neck + RPN + RoI heads (the backbone is frozen)
+at `train.lr` / `train.weight_decay` with the per-step cosine schedule of `schedule.py` (thesis: lr 1e-3, wd 1e-5,
+12 epochs, batch 2 per process). Loss: the sum of torchvision's Mask R-CNN losses. CUDA: bf16 autocast.
+
+Order: per epoch a permutation seeded by (seed, epoch); under torchrun (WORLD_SIZE > 1) rank r takes every
+world-th item of it, so `train.batch_size` is per process, the global batch is world x batch_size and every rank
+takes the same number of steps (DistributedDataParallel averages the gradients; gloo on CPU, nccl on CUDA).
+
+Outputs and conventions are the embedding trainer's (`trainer.py`): `_staging/` -> `last/` (every epoch),
+`best/` (lowest validation loss; no val split -> the last epoch), `metrics.jsonl`, resume from the newest complete
+checkpoint with optimizer, schedule and RNG state. Validation loss = the same losses on the val split with the
+neck / heads in eval-mode normalisation, no augmentation and a fixed sampling seed, so epochs compare.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import storage
+from ..config import ConfigError, LGFFConfig, config_to_dict
+from ..errors import CheckpointError, DataError
+from . import checkpoint as ckpt
+from .schedule import WarmupCosineSchedule
+from .trainer import (BEST, LAST, METRICS, StopTraining, _bar, _init_distributed, _publish, _read_metrics, _restore_rng,
+                      _write_metrics, find_resume_point, resolve_device)
+
+__all__ = ["train_detection", "epoch_order"]
+
+log = logging.getLogger(__name__)
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's item order for `epoch`: a (seed, epoch) permutation, every world-th item, equal length per rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    per_rank = n // world
+    return order[rank::world][:per_rank].tolist()
+
+
+def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+
+
+def _loss(model: nn.Module, images: list[torch.Tensor], targets: list[dict], device: torch.device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        losses = model(images, targets)
+    return sum(v.float() for v in losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+
+
+@torch.no_grad()
+def _val_loss(model: nn.Module, dataset, device: torch.device, batch_size: int, seed: int) -> Optional[float]:
+    if dataset is None or len(dataset) == 0:
+        return None
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    total, n = 0.0, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # RPN / RoI sampling: the same draws every epoch
+        for b0 in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(b0, min(b0 + batch_size, len(dataset)))]
+            images = [im.to(device) for im, _ in items]
+            loss, _ = _loss(model, images, _to_device([t for _, t in items], device), device)
+            total += float(loss) * len(items)
+            n += len(items)
+    for m in norms:
+        m.train()
+    return total / max(1, n)
+
+
+def train_detection(
+    cfg: LGFFConfig,
+    data_uri: str,
+    out_uri: str,
+    init: Optional[str] = None,
+    resume: bool = False,
+    progress: bool = False,
+    on_epoch_end: Optional[Callable[[dict], None]] = None,
+) -> dict:
+    """Train LGFFDM on a COCO-form dataset; returns a summary dict (see the module docstring)."""
+    from ..data.detection import DetectionDataset, collate_detection, detection_eval_transform, detection_train_transform
+    from ..models import build_model
+
+    if cfg.model.kind != "detection":
+        raise ConfigError(f"train_detection needs model.kind=detection; config {cfg.name!r} has {cfg.model.kind!r}")
+    data_uri = str(data_uri).rstrip("/")
+    out_uri = str(out_uri).rstrip("/")
+    tc = cfg.train
+    if not tc.lr > 0 or tc.lr_min < 0 or tc.lr_min > tc.lr:
+        raise ConfigError(f"train.lr must be > 0 and 0 <= train.lr_min <= train.lr (got lr={tc.lr}, "
+                          f"lr_min={tc.lr_min})")
+    aug = tc.augment
+    train_tf = (detection_train_transform(aug.hflip, aug.vflip, aug.rotate90) if aug.enabled
+                else detection_eval_transform())
+    agnostic = cfg.model.det_class_agnostic
+    train_ds = DetectionDataset(data_uri, tc.train_split, transform=train_tf, class_agnostic=agnostic)
+    val_ds = DetectionDataset(data_uri, tc.val_split, class_agnostic=agnostic, manifest=train_ds.manifest)
+    if len(train_ds) == 0:
+        present = sorted(train_ds.manifest.split_counts)
+        raise DataError(f"{data_uri}: no rows in train split {tc.train_split!r} (splits present: {present})")
+    if cfg.model.num_classes != len(train_ds.label_names):
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {data_uri} gives {len(train_ds.label_names)} "
+                          f"classes including background ({', '.join(train_ds.label_names)}; "
+                          f"model.det_class_agnostic={agnostic})")
+
+    resume_from = find_resume_point(out_uri) if resume else None
+    if resume and resume_from is None:
+        log.info("--resume: no complete checkpoint under %s; starting from epoch 0", out_uri)
+    init_meta = ckpt.read_sidecar(init) if init and resume_from is None else None
+
+    device = resolve_device(tc.device)
+    dist = _init_distributed(device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)))
+        torch.cuda.set_device(device)
+    if len(train_ds) < dist.world * 1:
+        raise DataError(f"{data_uri}: {len(train_ds)} training image(s) for {dist.world} processes")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    backbone_info = {"name": cfg.model.backbone.name, "weights": cfg.model.backbone.weights,
+                     "weights_hash": ckpt.backbone_weights_id(model, cfg)}
+    if init_meta is not None:
+        if init_meta.get("backbone", {}).get("weights_hash") != backbone_info["weights_hash"]:
+            raise CheckpointError(f"--init {init}: trained on other backbone weights; a detection model can only "
+                                  f"continue from the same frozen backbone")
+        model.load_trainable_state_dict(ckpt.load_tensors(init, ckpt.MODEL_FILE, init_meta), origin=f"--init {init}")
+    model.to(device)
+
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW([{"params": params, "lr": tc.lr, "name": "model"}], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
+    steps_per_epoch = max(1, math.ceil((len(train_ds) // dist.world) / tc.batch_size))
+    schedule = WarmupCosineSchedule(optimizer, steps_per_epoch * tc.epochs, lr_min_ratio=tc.lr_min / tc.lr,
+                                    warmup_steps=round(tc.warmup_epochs * steps_per_epoch))
+    start_epoch, best_loss, best_epoch, history = 0, math.inf, 0, []
+    if resume_from is not None:
+        meta = ckpt.read_sidecar(resume_from)
+        if meta.get("backbone", {}).get("weights_hash") != backbone_info["weights_hash"]:
+            raise CheckpointError(f"--resume {resume_from}: checkpoint was trained on other backbone weights")
+        model.load_trainable_state_dict(ckpt.load_tensors(resume_from, ckpt.MODEL_FILE, meta, device))
+        tensors = ckpt.load_tensors(resume_from, ckpt.OPTIMIZER_FILE, meta, device)
+        optimizer.load_state_dict(ckpt.unflatten_optimizer_state(tensors, meta["optimizer"]))
+        schedule.load_state_dict(meta["schedule"])
+        _restore_rng(tensors, device)
+        start_epoch = int(meta["epoch"])
+        best = meta.get("best", {})
+        best_loss = best.get("val_loss") if best.get("val_loss") is not None else math.inf
+        best_epoch = int(best.get("epoch", 0))
+        history = [h for h in _read_metrics(out_uri) if h["epoch"] <= start_epoch]
+        log.info("resuming from %s after epoch %d", resume_from, start_epoch)
+
+    step_model: nn.Module = model
+    if dist.world > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    config_dict = config_to_dict(cfg)
+    summary: dict[str, Any] = {"out": out_uri, "n_train": len(train_ds), "n_val": len(val_ds),
+                               "labels": train_ds.label_names, "device": str(device), "world_size": dist.world,
+                               "start_epoch": start_epoch, "stopped_early": False}
+
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()  # the frozen backbone stays in eval mode (FrozenBackbone.train)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        order = epoch_order(len(train_ds), cfg.seed, epoch, dist.rank, dist.world)
+        loss_sum, seen, steps, parts_sum = 0.0, 0, 0, {}
+        bar = _bar(progress and dist.main, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step")
+        for b0 in range(0, len(order), tc.batch_size):
+            images, targets = collate_detection([train_ds[i] for i in order[b0:b0 + tc.batch_size]])
+            images = [im.to(device, non_blocking=True) for im in images]
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = _loss(step_model, images, _to_device(targets, device), device)
+            if not torch.isfinite(loss):
+                raise DataError(f"training diverged at epoch {epoch + 1} step {steps + 1}: loss={loss.item()} "
+                                f"(lower train.lr)")
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            optimizer.step()
+            schedule.step()
+            loss_sum += float(loss.detach()) * len(images)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * len(images)
+            seen += len(images)
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        train_time = time.perf_counter() - t0
+        train_cpu = time.process_time() - cpu0
+        if dist.world > 1:
+            totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, seen = float(totals[0]), int(totals[1])
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
+               "s_per_iter": train_time / max(1, steps), "train_time_s": train_time, "train_cpu_s": train_cpu,
+               "steps": steps, "images": seen,
+               **{f"train_{k}": v / max(1, seen) for k, v in parts_sum.items()}}  # rank 0's share for the parts
+        if dist.main:
+            vloss = _val_loss(model, val_ds, device, tc.batch_size, cfg.seed)
+            model.train()
+            row["val_loss"] = vloss
+            improved = (vloss is None) or vloss < best_loss
+            if improved:
+                best_loss, best_epoch = (vloss if vloss is not None else math.inf), epoch + 1
+            history = [h for h in history if h["epoch"] <= epoch] + [row]
+            meta = {"name": cfg.name, "kind": "detection", "config": config_dict, "backbone": backbone_info,
+                    "class_names": train_ds.label_names, "epoch": epoch + 1, "global_step": schedule.last_step,
+                    "metrics": row, "best": {"epoch": best_epoch,
+                                             "val_loss": None if math.isinf(best_loss) else best_loss},
+                    "data": {"uri": data_uri, "fingerprint": train_ds.manifest.source_fingerprint}, "init": init}
+            _publish(out_uri, model, None, optimizer, schedule, meta, improved, device)
+            _write_metrics(out_uri, history)
+            log.info("epoch %d/%d: loss %.4f, val loss %s, %.2f s/iter", epoch + 1, tc.epochs, row["train_loss"],
+                     "-" if vloss is None else f"{vloss:.4f}", row["s_per_iter"])
+        dist.barrier()
+        summary.update(last=row, epochs_done=epoch + 1)
+        if on_epoch_end is not None:
+            try:
+                on_epoch_end(row)
+            except StopTraining:
+                summary["stopped_early"] = True
+                break
+
+    summary.update(best_epoch=best_epoch, last_checkpoint=storage.join(out_uri, LAST),
+                   best_checkpoint=storage.join(out_uri, BEST), metrics=storage.join(out_uri, METRICS))
+    if dist.owns_group:
+        torch.distributed.destroy_process_group()
+    return summary
