@@ -237,8 +237,12 @@ def run_local(
     arguments: Optional[dict[str, Any]] = None,
     on_event: Optional[Callable[[str, str], None]] = None,
     heartbeat_s: float = 60.0,
+    runner: Any = None,
 ) -> LocalRunResult:
     """Run pipeline `name` with kfp.local (SubprocessRunner, this venv) under a local pipeline root.
+
+    `runner`: another kfp.local runner, e.g. ``kfp.local.DockerRunner(user="1000:1000", read_only=True, ...)`` to run
+    every task in the image ``cfg.pipeline.image`` (kfp mounts the pipeline root at the same path in the container).
 
     `arguments` are the pipeline's parameters (e.g. ``{"source": "/data/ds"}``). Task output (the components'
     own logs) goes to ``<pipeline_root>/logs/<pipeline>-<time>.log``; `on_event(kind, task)` is called on
@@ -289,7 +293,7 @@ def run_local(
             if names and on_event is not None:
                 on_event("running", ", ".join(names))
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root,
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=root,
                enable_caching=cfg.pipeline.enable_caching, raise_on_error=True)
     t0 = time.time()
     with open(log_path, "w") as log_file, warnings.catch_warnings():
