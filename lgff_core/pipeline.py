@@ -237,8 +237,12 @@ def run_local(
     arguments: Optional[dict[str, Any]] = None,
     on_event: Optional[Callable[[str, str], None]] = None,
     heartbeat_s: float = 60.0,
+    runner: Any = None,
 ) -> LocalRunResult:
     """Run pipeline `name` with kfp.local (SubprocessRunner, this venv) under a local pipeline root.
+
+    `runner`: another kfp.local runner, e.g. ``kfp.local.DockerRunner(user="1000:1000", read_only=True, ...)`` to run
+    every task in the image ``cfg.pipeline.image`` (kfp mounts the pipeline root at the same path in the container).
 
     `arguments` are the pipeline's parameters (e.g. ``{"source": "/data/ds"}``). Task output (the components'
     own logs) goes to ``<pipeline_root>/logs/<pipeline>-<time>.log``; `on_event(kind, task)` is called on
@@ -289,7 +293,7 @@ def run_local(
             if names and on_event is not None:
                 on_event("running", ", ".join(names))
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root,
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=root,
                enable_caching=cfg.pipeline.enable_caching, raise_on_error=True)
     t0 = time.time()
     with open(log_path, "w") as log_file, warnings.catch_warnings():
@@ -358,10 +362,43 @@ def compile_pipeline(name: str, cfg: LGFFConfig, out: str | os.PathLike) -> str:
     return str(out)
 
 
-def _client(host: str, namespace: Optional[str] = None, existing_token: Optional[str] = None):
+# Token for a multi-user Kubeflow API (e.g. `kubectl create token` or an OIDC id token); never on the command line
+# when it can be avoided (shell history, process list).
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
+
+
+def client_auth(token: Optional[str] = None, sa_token_path: Optional[str] = None) -> dict[str, Any]:
+    """``kfp.Client`` keyword arguments that authenticate to a multi-user Kubeflow Pipelines API.
+
+    In order: an explicit `token`, then the environment variable ``KF_PIPELINES_TOKEN``, then a projected service
+    account token file (`sa_token_path`, ``KF_PIPELINES_SA_TOKEN_PATH``, or the path KFP mounts into pods,
+    ``/var/run/secrets/kubeflow/pipelines/token``) read by kfp's ``ServiceAccountTokenVolumeCredentials`` (it rereads
+    the file, which the kubelet rotates). Nothing found -> no credentials (single-user installs, port-forwards).
+    """
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+
+    token = token or os.environ.get(TOKEN_ENV)
+    if token:
+        return {"existing_token": token}
+    path = sa_token_path or os.environ.get(KF_PIPELINES_SA_TOKEN_ENV)
+    if sa_token_path and not os.path.isfile(sa_token_path):
+        raise PipelineError(f"--sa-token-file {sa_token_path}: no such file")
+    path = path or (KF_PIPELINES_SA_TOKEN_PATH if os.path.isfile(KF_PIPELINES_SA_TOKEN_PATH) else None)
+    if path:
+        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+        return {"credentials": ServiceAccountTokenVolumeCredentials(path)}
+    return {}
+
+
+def _client(host: str, namespace: Optional[str] = None, token: Optional[str] = None,
+            sa_token_path: Optional[str] = None):
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace, existing_token=existing_token)
+    kwargs: dict[str, Any] = {"host": host, **client_auth(token, sa_token_path)}
+    if namespace:
+        kwargs["namespace"] = namespace
+    return kfp.Client(**kwargs)
 
 
 def submit(
@@ -372,15 +409,22 @@ def submit(
     arguments: Optional[dict[str, Any]] = None,
     run_name: Optional[str] = None,
     namespace: Optional[str] = None,
+    service_account: Optional[str] = None,
+    token: Optional[str] = None,
+    sa_token_path: Optional[str] = None,
     client: Any = None,
 ) -> str:
-    """Compile and submit one run to the KFP endpoint at `host`; returns the run id."""
-    client = client or _client(host, namespace)
+    """Compile and submit one run to the KFP endpoint at `host`; returns the run id.
+
+    `namespace`: the Kubeflow profile namespace (multi-user); `service_account`: the Kubernetes service account the
+    run's pods use (default: the profile's ``default-editor``); `token` / `sa_token_path`: see `client_auth`.
+    """
+    client = client or _client(host, namespace, token, sa_token_path)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(name, cfg, Path(tmp) / f"{name}.yaml")
         run = client.create_run_from_pipeline_package(
             package, arguments=arguments or {}, run_name=run_name, experiment_name=experiment, namespace=namespace,
-            enable_caching=cfg.pipeline.enable_caching)
+            enable_caching=cfg.pipeline.enable_caching, service_account=service_account)
     return getattr(run, "run_id", str(run))
 
 
@@ -394,15 +438,23 @@ def schedule(
     job_name: Optional[str] = None,
     max_concurrency: int = 1,
     namespace: Optional[str] = None,
+    service_account: Optional[str] = None,
+    catchup: bool = False,
+    token: Optional[str] = None,
+    sa_token_path: Optional[str] = None,
     client: Any = None,
 ) -> str:
-    """Create a recurring run (KFP cron: 6 fields, seconds first, e.g. ``0 0 3 * * *``); returns its id."""
+    """Create a recurring run (KFP cron: 6 fields, seconds first, e.g. ``0 0 3 * * *``); returns its id.
+
+    ``catchup=False`` (default) sends ``no_catchup=True``: a schedule that was paused or missed runs starts once
+    when it resumes instead of backfilling every missed interval (each a full reindex).
+    """
     fields = cron.split()
     if len(fields) not in (5, 6):
         raise PipelineError(f"--cron {cron!r}: expected a cron expression with 5 or 6 fields")
     if len(fields) == 5:  # standard 5-field cron -> KFP's 6-field form (seconds first)
         cron = "0 " + cron
-    client = client or _client(host, namespace)
+    client = client or _client(host, namespace, token, sa_token_path)
     exp = client.create_experiment(name=experiment, namespace=namespace)
     exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -410,6 +462,6 @@ def schedule(
         job = client.create_recurring_run(
             experiment_id=exp_id, job_name=job_name or f"{name}-{cfg.name}", cron_expression=cron,
             max_concurrency=max_concurrency, pipeline_package_path=package, params=arguments or {},
-            enable_caching=cfg.pipeline.enable_caching)
+            enable_caching=cfg.pipeline.enable_caching, no_catchup=not catchup, service_account=service_account)
     return getattr(job, "recurring_run_id", None) or getattr(job, "id", None) or str(job)
 

@@ -319,3 +319,68 @@ def test_models_bench_reports_every_mode(capsys):
                  "model.num_layers=1", "--batch-size", "2", "--image-size", "64", "--iters", "1"])
     assert code == 0 and "channels_last+bf16" in capsys.readouterr().out
     assert main(["models", "bench", "--config", "lgffdm_cpu"]) == 2
+
+
+# ----------------------------------------------------------------------------------- weights baked into the image
+@pytest.fixture
+def no_hub(monkeypatch):
+    """timm.create_model that fails the test if asked for pretrained (hub) weights; HF_HUB_OFFLINE set as in the image."""
+    import timm
+
+    real_create = timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):
+        assert not pretrained, f"tried to download {name} from a hub"
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_timm_weights_come_from_the_image_weights_dir_without_a_hub(tmp_path, monkeypatch, no_hub):
+    import timm
+    from safetensors.torch import save_file
+
+    # the file `lgff models fetch-weights` writes: timm's full-model state dict under the model's name
+    source = timm.create_model("convnext_atto.d2_in1k", pretrained=False)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "convnext_atto.d2_in1k.safetensors"))
+    monkeypatch.setenv("LGFF_WEIGHTS_DIR", str(tmp_path))
+    backbone = FrozenBackbone("convnext_atto.d2_in1k", weights="timm")
+    loaded = backbone.model.state_dict()
+    assert torch.equal(loaded["stem_0.weight"], source.state_dict()["stem.0.weight"])
+    assert torch.equal(loaded["stages_3.blocks.1.conv_dw.weight"], source.state_dict()["stages.3.blocks.1.conv_dw.weight"])
+    # same identity as hub-loaded weights, so checkpoints trained either way are interchangeable
+    assert backbone.weights_hash == "timm:timm/convnext_atto.d2_in1k"
+
+
+def test_timm_weights_missing_offline_fail_clearly_without_a_hub(tmp_path, monkeypatch, no_hub):
+    monkeypatch.setenv("LGFF_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"convnext_atto.*convnext_atto\.safetensors does not exist.*BAKE_WEIGHTS"):
+        FrozenBackbone("convnext_atto", weights="timm")
+
+
+def test_fetch_weights_writes_the_file_the_loader_reads(tmp_path, monkeypatch, capsys):
+    import timm
+
+    from lgff_core.cli import main
+
+    real_create = timm.create_model
+    # stands in for the hub download on the image build host: a deterministic "pretrained" model
+    def create_model(name, pretrained=False, **kwargs):
+        torch.manual_seed(123)
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    assert main(["models", "fetch-weights", "--config", "lgffem_paper", "--set", "model.backbone.name=convnext_atto",
+                 "--out", str(tmp_path)]) == 0
+    assert "convnext_atto.safetensors" in capsys.readouterr().out
+    monkeypatch.setenv("LGFF_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    backbone = FrozenBackbone("convnext_atto", weights="timm")
+    torch.manual_seed(123)
+    expected = real_create("convnext_atto", pretrained=False).state_dict()["stem.0.weight"]
+    assert torch.equal(backbone.model.state_dict()["stem_0.weight"], expected)
+    assert main(["models", "fetch-weights", "--config", "lgffem_cpu", "--out", str(tmp_path)]) == 0
+    assert "nothing to fetch" in capsys.readouterr().out

@@ -182,3 +182,68 @@ def test_dataset_uri_source_is_imported_not_prepped(tmp_path):
     importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
     assert importer["artifactUri"]["runtimeParameter"] == "uri"
     assert spec["root"]["inputDefinitions"]["parameters"]["source"]["defaultValue"] == "s3://bucket/datasets/kimia"
+
+
+class _RecordingKfpClient(_FakeClient):
+    """Stands in for ``kfp.Client``: records the constructor's keyword arguments (auth, namespace)."""
+
+    instances: list = []
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.init_kwargs = kwargs
+        _RecordingKfpClient.instances.append(self)
+
+
+@pytest.fixture
+def recording_kfp_client(monkeypatch):
+    import kfp
+
+    _RecordingKfpClient.instances = []
+    monkeypatch.setattr(kfp, "Client", _RecordingKfpClient)
+    for var in ("KF_PIPELINES_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    return _RecordingKfpClient.instances
+
+
+def test_cli_submit_to_multi_user_kubeflow_sends_token_namespace_and_service_account(
+        recording_kfp_client, monkeypatch, capsys):
+    from lgff_core.cli import main
+
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", "tok-from-env")
+    assert main(["pipeline", "submit", "reindex", "--config", "lgffem_cpu", "--host", "https://kfp.example.org",
+                 "--namespace", "team-a", "--service-account", "lgff-pipeline-runner",
+                 "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
+    (client,) = recording_kfp_client
+    assert client.init_kwargs == {"host": "https://kfp.example.org", "namespace": "team-a",
+                                  "existing_token": "tok-from-env"}
+    kind, _, kw = client.calls[0]
+    assert kind == "run" and kw["namespace"] == "team-a" and kw["service_account"] == "lgff-pipeline-runner"
+    assert "tok-from-env" not in capsys.readouterr().out
+    # an explicit --token wins over the environment
+    assert main(["pipeline", "submit", "reindex", "--config", "lgffem_cpu", "--host", "h", "--token", "tok-cli",
+                 "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
+    assert recording_kfp_client[-1].init_kwargs == {"host": "h", "existing_token": "tok-cli"}
+
+
+def test_cli_schedule_uses_service_account_token_file_and_never_catches_up(recording_kfp_client, tmp_path):
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+    from lgff_core.cli import main
+
+    token_file = tmp_path / "token"
+    token_file.write_text("projected-sa-token")
+    assert main(["pipeline", "schedule", "reindex", "--config", "lgffem_cpu", "--host", "h", "--cron", "0 3 * * *",
+                 "--namespace", "team-a", "--sa-token-file", str(token_file), "--service-account", "sa-1",
+                 "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
+    (client,) = recording_kfp_client
+    credentials = client.init_kwargs["credentials"]
+    assert isinstance(credentials, ServiceAccountTokenVolumeCredentials)
+    assert credentials._get_token() == "projected-sa-token"
+    kind, _, kw = client.calls[-1]
+    assert kind == "recurring" and kw["no_catchup"] is True and kw["service_account"] == "sa-1"
+    assert main(["pipeline", "schedule", "reindex", "--config", "lgffem_cpu", "--host", "h", "--cron", "0 3 * * *",
+                 "--catchup", "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
+    assert recording_kfp_client[-1].calls[-1][2]["no_catchup"] is False
+    assert main(["pipeline", "schedule", "reindex", "--config", "lgffem_cpu", "--host", "h", "--cron", "0 3 * * *",
+                 "--sa-token-file", str(tmp_path / "missing")]) == 2

