@@ -15,10 +15,10 @@ from lgff_core.embeddings import read_embeddings, write_embeddings
 from lgff_core.index import load_index
 from lgff_core.search import LOCATIONS_FILE, index_locations
 
-pytestmark = pytest.mark.slow  # builds a model, embeddings and two indexes (~80 s on 2 cores)
-
 from search_support import TINY_SET, build_index_for, make_checkpoint
 from test_train_support import make_dataset
+
+pytestmark = pytest.mark.slow  # builds a model, embeddings and two indexes (~80 s on 2 cores)
 
 
 @pytest.fixture(scope="module")
