@@ -10,6 +10,7 @@ metrics) go to ``.metadata``.
 from ._image import LGFF_IMAGE
 from .embed import collect_embeddings, embed
 from .evaluate import evaluate
+from .explain import explain
 from .index import index_add, index_build, index_merge, index_train
 from .prep import prep
 from .report import report
@@ -26,5 +27,6 @@ __all__ = [
     "index_add",
     "index_merge",
     "evaluate",
+    "explain",
     "report",
 ]

@@ -25,6 +25,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "index": ("seed", "index"),
     "evaluate": ("seed", "index", "evaluate"),
     "report": ("name", "evaluate"),
+    "explain": ("seed", "model", "embed", "index", "evaluate.query_split", "explain", "train.image_size",
+                "train.device"),
 }
 
 
