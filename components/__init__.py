@@ -11,6 +11,7 @@ from ._image import LGFF_IMAGE
 from .embed import collect_embeddings, embed
 from .evaluate import evaluate
 from .evaluate_detection import evaluate_detection
+from .explain import explain
 from .index import index_add, index_build, index_merge, index_train
 from .prep import prep
 from .report import report
@@ -28,5 +29,6 @@ __all__ = [
     "index_merge",
     "evaluate",
     "evaluate_detection",
+    "explain",
     "report",
 ]

@@ -15,6 +15,7 @@ def report(
     html: Output[HTML],
     markdown: Output[Markdown],
     baseline_results: Optional[Input[Dataset]] = None,
+    explain: Optional[Input[Dataset]] = None,
 ):
     """``*_results``: evaluate outputs; ``html`` / ``markdown`` are single files the KFP UI renders, copies of
     ``report.html`` / ``report.md`` in ``report_dir``."""
@@ -25,6 +26,8 @@ def report(
     argv = ["report", "--config", write_config(config_yaml), "--out", out, "--metrics", artifact_uri(model_results)]
     if baseline_results is not None:
         argv += ["--metrics", artifact_uri(baseline_results)]
+    if explain is not None:
+        argv += ["--link", "Ablation CAM explanations=" + storage.join(artifact_uri(explain), "explain.html")]
     run_cli(argv)
     with open(html.path, "wb") as f:
         f.write(storage.read_bytes(storage.join(out, "report.html")))

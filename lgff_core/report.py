@@ -304,7 +304,8 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222
 
 
 def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGFF retrieval report",
-                 n_query_examples: int = 6, max_points: int = 5000, seed: int = 0) -> dict:
+                 n_query_examples: int = 6, max_points: int = 5000, seed: int = 0,
+                 links: Sequence[tuple[str, str]] = ()) -> dict:
     """Write report.html (self-contained) + report.md + figures; returns the written URIs."""
     if not metrics_uris:
         raise DataError("no metrics files given")
@@ -372,6 +373,10 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
         b64 = base64.b64encode(png).decode("ascii")
         body += [f"<h2>{html.escape(caption)}</h2>", f"<img alt='{html.escape(caption)}' "
                  f"src='data:image/png;base64,{b64}'>"]
+    if links:  # related pages (the explain stage's explanations); only linked when present
+        md += ["## Related pages", ""] + [f"- [{t}]({u})" for t, u in links] + [""]
+        body += ["<h2>Related pages</h2><ul>"] + [f"<li><a href='{html.escape(u)}'>{html.escape(t)}</a></li>"
+                                                   for t, u in links] + ["</ul>"]
     sources = ", ".join(r.uri for r in runs)
     md += [f"_Sources: {sources}_", ""]
     body.append(f"<p class='meta'>Sources: {html.escape(sources)}</p>")

@@ -10,6 +10,7 @@ import components as c
 from lgff_core.config import LGFFConfig
 from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
 
+from ._explain import explain_task, report_kwargs
 from ._wiring import configure_task, pipeline_root_for
 
 NAME = "lgff-train-and-index"
@@ -84,13 +85,14 @@ def build_pipeline(cfg: LGFFConfig):
                            **kwargs)
             model = configure_task(task, cfg, "train", f"train-{i}-{stage.name}")
 
-        results = {}
+        results, indexes = {}, {}
         for label, trained in (("model", model.outputs["model"]), ("baseline", None)):
             emb = embed_fanout(cfg, dataset, trained, label).outputs["embeddings"]
-            idx = index_tasks(cfg, emb, label)
+            idx = indexes[label] = index_tasks(cfg, emb, label)
             results[label] = evaluate_task(cfg, emb, idx, label).outputs["results"]
+        explain = explain_task(cfg, model.outputs["model"], indexes["model"])
         rep = c.report(config_yaml=stage_config_yaml(cfg, "report"), model_results=results["model"],
-                       baseline_results=results["baseline"])
+                       baseline_results=results["baseline"], **report_kwargs(explain))
         configure_task(rep, cfg, "report", "report")
         return Outputs(model=model.outputs["model"], report=rep.outputs["html"], report_md=rep.outputs["markdown"])
 

@@ -24,7 +24,7 @@ TINY = [
 ]
 STAGES = {"prep", "train-0-stage", "embed-model", "embed-baseline", "collect-embeddings-model",
           "collect-embeddings-baseline", "index-build-model", "index-build-baseline", "evaluate-model",
-          "evaluate-baseline", "report"}
+          "evaluate-baseline", "explain", "report"}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="report directory (report.html, report.md, figures/) or a .html path")
     p.add_argument("--title", default="LGFF retrieval report")
     p.add_argument("--examples", type=int, default=6, help="example queries shown per run")
+    p.add_argument("--link", action="append", default=[], metavar="TITLE=URI",
+                   help="link a related page from the report (e.g. the explain stage's explain.html); repeatable")
     add_config_args(p)
     p.set_defaults(func=_report)
 
@@ -33,6 +35,14 @@ def _report(args) -> int:
         print(f"detection report ({len(out['rows'])} rows) -> {out['html']}")
         return 0
 
-    out = write_report(args.metrics, args.out, title=args.title, n_query_examples=args.examples)
+    from ..errors import LGFFError
+
+    links = []
+    for item in args.link:
+        title, sep, uri = item.partition("=")
+        if not sep or not title or not uri:
+            raise LGFFError(f"--link {item!r}: expected TITLE=URI")
+        links.append((title, uri))
+    out = write_report(args.metrics, args.out, title=args.title, n_query_examples=args.examples, links=links)
     print(f"report ({len(out['figures'])} figures, baseline: {out['baseline'] or 'none'}) -> {out['html']}")
     return 0
