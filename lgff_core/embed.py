@@ -131,7 +131,9 @@ def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[
 
         model, meta = load_model_from_checkpoint(model_uri, device="cpu")
         name = meta.get("name") or str(model_uri).rstrip("/")
-        ident = {"checkpoint": str(model_uri), "files": meta.get("files"), "epoch": meta.get("epoch")}
+        # content only (the sidecar's per-file sha256), never the path: pipeline tasks load the same checkpoint
+        # from different pod-local copies, and their outputs must agree on the model
+        ident = {"files": meta.get("files"), "epoch": meta.get("epoch")}
         trained_size = ((meta.get("config") or {}).get("train") or {}).get("image_size")
     model.eval().to(device)
     speed = resolve_speed_options(cfg, device)
