@@ -1,5 +1,5 @@
-"""embed: embeddings of one contiguous range of dataset shards (`lgff embed --shard I/N`), and the collect step
-that joins the per-shard outputs of a ParallelFor into one embeddings set with its manifest."""
+"""embed: embeddings of one work block of the plan (`lgff embed block`), and the collect step that names every
+block's output in one embeddings manifest (`lgff embed collect`; it copies nothing)."""
 from typing import List, Optional
 
 from kfp import dsl
@@ -11,33 +11,41 @@ from ._image import LGFF_IMAGE
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def embed(
     config_yaml: str,
-    shard_index: int,
-    num_shards: int,
-    data: Input[Dataset],
+    block: dict,
     embeddings: Output[Dataset],
+    model_uri: str = "",
+    model_fingerprint: str = "",
     model: Optional[Input[Model]] = None,
 ):
-    """With ``model`` unset, embeds with the GeM baseline (frozen backbone + GeM) instead of a trained model."""
+    """The model is ``model`` (a train output; its checkpoint lives in the artifact) or ``model_uri`` (imported by
+    URI; ``model_fingerprint`` from the scan task keys the cache); with neither, the GeM baseline. The block's rows
+    are streamed from the dataset's shards; the output shard goes to the bulk prefix, the artifact is its manifest."""
     import os
+    import tempfile
 
-    from lgff_core.pipeline_runtime import artifact_uri, model_checkpoint_uri, run_cli, write_config
+    from lgff_core.pipeline_runtime import (bulk_uri, dataset_facts, input_path, model_checkpoint_uri,
+                                            publish_pointer, run_cli, write_config, write_json_file)
 
-    out = artifact_uri(embeddings)
-    argv = ["embed", "--config", write_config(config_yaml), "--data", artifact_uri(data),
-            "--out", out, "--shard", f"{shard_index}/{num_shards}"]
-    argv += ["--model", model_checkpoint_uri(artifact_uri(model))] if model is not None else ["--baseline"]
+    bulk = bulk_uri(embeddings)
+    block_file = write_json_file(os.path.join(tempfile.mkdtemp(prefix="lgff-block-"), "block.json"), block)
+    argv = ["embed", "block", "--config", write_config(config_yaml), "--block", block_file, "--out", bulk]
+    if model is not None:
+        argv += ["--model", model_checkpoint_uri(input_path(model))]
+    elif model_uri:
+        argv += ["--model", model_checkpoint_uri(model_uri)]
+    else:
+        argv += ["--baseline"]
     run_cli(argv)
-    if "://" not in out:
-        os.makedirs(out, exist_ok=True)  # an empty shard block writes nothing; the artifact must still exist
-    embeddings.metadata["shard"] = f"{shard_index}/{num_shards}"
-    embeddings.metadata["model"] = "baseline" if model is None else model.metadata.get("digest", "")
+    embeddings.metadata.update(dataset_facts(publish_pointer(embeddings, bulk, "_manifest.json")))
+    embeddings.metadata["block"] = int(block["block"])
+    embeddings.metadata["model"] = (model.metadata.get("digest", "") if model is not None
+                                    else model_fingerprint or "baseline")
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def collect_embeddings(parts: List[Dataset], embeddings: Output[Dataset]):
-    """Join the shard outputs (`lgff embed collect PART... --out`) and write the manifest."""
-    from lgff_core.pipeline_runtime import artifact_uri, dataset_facts, run_cli
+    """One manifest naming every block output's shard by URI (`lgff embed collect PART... --out`)."""
+    from lgff_core.pipeline_runtime import dataset_facts, input_path, read_pointer, run_cli
 
-    out = artifact_uri(embeddings)
-    run_cli(["embed", "collect", *[artifact_uri(p) for p in parts], "--out", out])
-    embeddings.metadata.update(dataset_facts(out))
+    run_cli(["embed", "collect", *[input_path(p) for p in parts], "--out", embeddings.path])
+    embeddings.metadata.update(dataset_facts(read_pointer(embeddings, "_manifest.json")))

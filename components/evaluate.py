@@ -14,21 +14,18 @@ def evaluate(
     results: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """Searches ``index`` with the protocol's queries (config ``evaluate``); ``results`` holds ``metrics.json`` and
-    ``neighbors.parquet``, the scalar metrics also go to ``metrics`` (shown by the KFP UI)."""
-    import json
-    import os
+    """Searches ``index`` with the protocol's queries (config ``evaluate``). ``results`` holds ``metrics.json``
+    (small; it names ``neighbors.parquet`` in the bulk prefix); the scalar metrics also go to ``metrics`` (shown
+    by the KFP UI)."""
+    from lgff_core.pipeline_runtime import (bulk_of, bulk_uri, input_path, publish_pointer, run_cli,
+                                            write_config, write_json_artifact)
 
-    from lgff_core.pipeline_runtime import artifact_uri, run_cli, write_config, write_json_artifact
-
-    out = artifact_uri(results)
-    run_cli(["evaluate", "retrieval", "--config", write_config(config_yaml), "--embeddings", artifact_uri(embeddings),
-             "--index", artifact_uri(index), "--label", label, "--out", out])
-    with open(os.path.join(out, "metrics.json")) as f:
-        values = json.load(f)
-    scalars = {k: v for k, v in values.get("metrics", {}).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for key, value in scalars.items():
-        metrics.log_metric(key, value)
+    bulk = bulk_uri(results)
+    run_cli(["evaluate", "retrieval", "--config", write_config(config_yaml), "--embeddings", input_path(embeddings),
+             "--index", bulk_of(index, "index.json"), "--label", label, "--out", bulk])
+    values = publish_pointer(results, bulk, "metrics.json")
+    for key, value in values.get("metrics", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
     results.metadata["label"] = label
-    write_json_artifact(metrics.path, values)
+    write_json_artifact(metrics.path, {k: v for k, v in values.items() if k != "bulk"})

@@ -16,11 +16,11 @@ def explain(
     """``explain.num_queries`` queries of the indexed dataset's ``evaluate.query_split`` and their
     ``explain.top`` hits; ``explain_dir`` holds the PNG grids, explain.json and explain.html (also copied to
     ``html`` for the KFP UI)."""
-    from lgff_core import storage
-    from lgff_core.pipeline_runtime import artifact_uri, model_checkpoint_uri, run_cli, write_config
+    import shutil
 
-    out = artifact_uri(explain_dir)
-    run_cli(["explain", "--config", write_config(config_yaml), "--model", model_checkpoint_uri(artifact_uri(model)),
-             "--index", artifact_uri(index), "--sample", "--out", out])
-    with open(html.path, "wb") as f:
-        f.write(storage.read_bytes(storage.join(out, "explain.html")))
+    from lgff_core.pipeline_runtime import bulk_of, input_path, model_checkpoint_uri, run_cli, write_config
+
+    out = explain_dir.path  # a few PNGs and a page, uploaded by the launcher
+    run_cli(["explain", "--config", write_config(config_yaml), "--model", model_checkpoint_uri(input_path(model)),
+             "--index", bulk_of(index, "index.json"), "--sample", "--out", out])
+    shutil.copyfile(f"{out}/explain.html", html.path)

@@ -1,5 +1,6 @@
 """index: faiss index over an embeddings set, one shot (`lgff index build`) or sharded, faiss-contrib style
-(`lgff index train` on a sample -> `lgff index add` per shard range -> `lgff index merge`)."""
+(`lgff index train` on a sample -> `lgff index add` per plan block -> `lgff index merge`). faiss files go to the bulk
+prefix; each artifact is the stage's JSON manifest (``index.json`` / ``partial.json``) naming them."""
 from typing import List
 
 from kfp import dsl
@@ -10,46 +11,43 @@ from ._image import LGFF_IMAGE
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def index_build(config_yaml: str, embeddings: Input[Dataset], index: Output[Artifact]):
-    from lgff_core.pipeline_runtime import artifact_uri, dataset_facts, run_cli, write_config
+    from lgff_core.pipeline_runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
 
-    out = artifact_uri(index)
-    run_cli(["index", "build", "--config", write_config(config_yaml), "--embeddings", artifact_uri(embeddings),
-             "--out", out])
-    index.metadata.update(dataset_facts(out))
+    bulk = bulk_uri(index)
+    run_cli(["index", "build", "--config", write_config(config_yaml), "--embeddings", input_path(embeddings),
+             "--out", bulk])
+    index.metadata.update(dataset_facts(publish_pointer(index, bulk, "index.json")))
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def index_train(config_yaml: str, embeddings: Input[Dataset], trained: Output[Artifact]):
-    from lgff_core.pipeline_runtime import artifact_uri, dataset_facts, run_cli, write_config
+    from lgff_core.pipeline_runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
 
-    out = artifact_uri(trained)
-    run_cli(["index", "train", "--config", write_config(config_yaml), "--embeddings", artifact_uri(embeddings),
-             "--out", out])
-    trained.metadata.update(dataset_facts(out))
+    bulk = bulk_uri(trained)
+    run_cli(["index", "train", "--config", write_config(config_yaml), "--embeddings", input_path(embeddings),
+             "--out", bulk])
+    trained.metadata.update(dataset_facts(publish_pointer(trained, bulk, "index.json")))
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
-def index_add(
-    shard_index: int,
-    num_shards: int,
-    trained: Input[Artifact],
-    embeddings: Input[Dataset],
-    partial: Output[Artifact],
-):
-    """Partial index over embeddings shard block ``shard_index`` of ``num_shards`` (settings from ``trained``)."""
-    from lgff_core.pipeline_runtime import artifact_uri, dataset_facts, run_cli
+def index_add(block: dict, trained: Input[Artifact], embeddings: Input[Dataset], partial: Output[Artifact]):
+    """Partial index over plan block ``block``: collect lists one embeddings shard per block, in block order, so
+    the block is shard ``block`` of as many as the collected manifest lists."""
+    from lgff_core.pipeline_runtime import (bulk_of, bulk_uri, dataset_facts, input_path, publish_pointer,
+                                            read_pointer, run_cli)
 
-    out = artifact_uri(partial)
-    run_cli(["index", "add", "--trained", artifact_uri(trained),
-             "--embeddings", artifact_uri(embeddings), "--shard", f"{shard_index}/{num_shards}", "--out", out])
-    partial.metadata.update(dataset_facts(out))
+    num_blocks = len(read_pointer(embeddings, "_manifest.json")["shards"])
+    bulk = bulk_uri(partial)
+    run_cli(["index", "add", "--trained", bulk_of(trained, "index.json"), "--embeddings", input_path(embeddings),
+             "--shard", f"{int(block['block'])}/{num_blocks}", "--out", bulk])
+    partial.metadata.update(dataset_facts(publish_pointer(partial, bulk, "partial.json")))
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def index_merge(trained: Input[Artifact], partials: List[Artifact], index: Output[Artifact]):
-    from lgff_core.pipeline_runtime import artifact_uri, dataset_facts, run_cli
+    from lgff_core.pipeline_runtime import bulk_of, bulk_uri, dataset_facts, publish_pointer, run_cli
 
-    out = artifact_uri(index)
-    run_cli(["index", "merge", "--trained", artifact_uri(trained), "--partials",
-             *[artifact_uri(p) for p in partials], "--out", out])
-    index.metadata.update(dataset_facts(out))
+    bulk = bulk_uri(index)
+    run_cli(["index", "merge", "--trained", bulk_of(trained, "index.json"), "--partials",
+             *[bulk_of(p, "partial.json") for p in partials], "--out", bulk])
+    index.metadata.update(dataset_facts(publish_pointer(index, bulk, "index.json")))

@@ -19,17 +19,17 @@ def report(
 ):
     """``*_results``: evaluate outputs; ``html`` / ``markdown`` are single files the KFP UI renders, copies of
     ``report.html`` / ``report.md`` in ``report_dir``."""
-    from lgff_core import storage
-    from lgff_core.pipeline_runtime import artifact_uri, run_cli, write_config
+    import shutil
 
-    out = artifact_uri(report_dir)
-    argv = ["report", "--config", write_config(config_yaml), "--out", out, "--metrics", artifact_uri(model_results)]
+    from lgff_core import storage
+    from lgff_core.pipeline_runtime import input_path, object_uri, run_cli, write_config
+
+    out = report_dir.path  # a few small files, uploaded by the launcher
+    argv = ["report", "--config", write_config(config_yaml), "--out", out, "--metrics", input_path(model_results)]
     if baseline_results is not None:
-        argv += ["--metrics", artifact_uri(baseline_results)]
+        argv += ["--metrics", input_path(baseline_results)]
     if explain is not None:
-        argv += ["--link", "Ablation CAM explanations=" + storage.join(artifact_uri(explain), "explain.html")]
+        argv += ["--link", "Ablation CAM explanations=" + storage.join(object_uri(explain), "explain.html")]
     run_cli(argv)
-    with open(html.path, "wb") as f:
-        f.write(storage.read_bytes(storage.join(out, "report.html")))
-    with open(markdown.path, "wb") as f:
-        f.write(storage.read_bytes(storage.join(out, "report.md")))
+    shutil.copyfile(f"{out}/report.html", html.path)
+    shutil.copyfile(f"{out}/report.md", markdown.path)

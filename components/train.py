@@ -2,7 +2,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Input, Metrics, Model, Output
 
 from ._image import LGFF_IMAGE
 
@@ -11,26 +11,33 @@ from ._image import LGFF_IMAGE
 def train(
     config_yaml: str,
     stage_name: str,
-    data: Input[Dataset],
+    data_uri: str,
+    data_fingerprint: str,
     model: Output[Model],
     metrics: Output[Metrics],
+    nproc: int = 1,
     init: Optional[Input[Model]] = None,
 ):
-    """``config_yaml`` is a single-stage config (the stage's overrides applied); ``model`` is the training run
-    directory (``best/``, ``last/``, ``metrics.jsonl``) and ``best/`` the model later stages use."""
+    """``data_uri``: the dataset (its manifest; shards are streamed), ``data_fingerprint`` keys the cache on its
+    content. ``model`` is the training run directory (``best/``, ``last/``, ``metrics.jsonl``), written locally and
+    uploaded by the launcher: a checkpoint is needed whole by the tasks that use it. ``nproc`` > 1: DDP over that
+    many GPUs of the pod (`lgff train --nproc`)."""
     import json
     import os
 
-    from lgff_core.pipeline_runtime import (artifact_uri, model_checkpoint_uri, model_facts, run_cli,
+    from lgff_core.pipeline_runtime import (input_path, model_checkpoint_uri, model_facts, run_cli,
                                             write_json_artifact, write_config)
 
-    out = artifact_uri(model)
-    argv = ["train", "--config", write_config(config_yaml), "--data", artifact_uri(data), "--out", out]
+    out = model.path
+    argv = ["train", "--config", write_config(config_yaml), "--data", data_uri, "--out", out]
     if init is not None:
-        argv += ["--init", model_checkpoint_uri(artifact_uri(init))]
+        argv += ["--init", model_checkpoint_uri(input_path(init))]
+    if nproc > 1:
+        argv += ["--nproc", str(nproc)]
     run_cli(argv)
     model.metadata.update(model_facts(out))
     model.metadata["stage"] = stage_name
+    model.metadata["data_fingerprint"] = data_fingerprint
     # last epoch's row of metrics.jsonl (loss, val recall, ...) -> scalar metrics
     last = {}
     rows_path = os.path.join(out, "metrics.jsonl")

@@ -245,10 +245,11 @@ class PipelineConfig:
     source: str = "samples:histolytics-nuclei"
     # local pipeline root for kfp.local, or s3://bucket/prefix on a cluster
     pipeline_root: str = "runs/pipeline-root"
-    embed_shards: int = 2
-    # build the index sharded (train / add x N / merge) instead of one shot
+    # build the index sharded (train / add per plan block / merge) instead of one shot
     sharded_index: bool = False
     image: str = "ghcr.io/lgff/lgff:0.1.0"
+    # image of the tasks that request GPUs (train, embed with gpu_count > 0): the CUDA variant of `image`
+    gpu_image: str = "ghcr.io/lgff/lgff:0.1.0-cuda"
     s3_secret: str = "lgff-s3-credentials"
     gpu_node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     enable_caching: bool = True
@@ -268,15 +269,16 @@ class PipelineConfig:
         "evaluate": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "4Gi", "memory_limit": "8Gi"},
         "report": {"cpu_request": "500m", "cpu_limit": "1", "memory_request": "1Gi", "memory_limit": "2Gi"},
     })
-    # max concurrent embed shards (ParallelFor parallelism); 0 = all at once
-    embed_parallelism: int = 2
+    # run-time fan-out (DESIGN.md section 7): the plan task splits the dataset into work blocks of about this many
+    # rows (default of the pipelines' `rows_per_task` run parameter; a run may pass another value, no recompile)
+    rows_per_task: int = 20000
+    # at most this many embed / index-add tasks at once (ParallelFor parallelism); 0 = no limit
+    max_parallel: int = 8
     # reindex pipeline: evaluate the new index (needs labelled test/train splits in the new data)
     reindex_evaluate: bool = True
-    # cluster: stages read / write artifacts at their s3:// (minio://) URI through lgff_core.storage instead of the
-    # launcher's local copies (sets LGFF_DIRECT_ARTIFACT_IO=1 on every task; no effect on local paths)
-    direct_artifact_io: bool = True
-    # S3-compatible endpoint for the tasks (e.g. http://lgff-minio.lgff-dev:9000); None = AWS default
     s3_endpoint: Optional[str] = None
+    # region of the object store, given to every task as AWS_REGION (MinIO accepts any; AWS needs the bucket's)
+    s3_region: str = "us-east-1"
 
 
 @dataclass
@@ -362,9 +364,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # pragma: no cover - programming error
 
 
+# keys that existed in earlier versions -> what to do instead (a clear error, not "unknown key")
+REMOVED_KEYS = {
+    "pipeline.embed_shards": "the fan-out is decided at run time by the plan task; set pipeline.rows_per_task "
+                             "(rows per embed task) instead",
+    "pipeline.embed_parallelism": "renamed to pipeline.max_parallel",
+    "pipeline.direct_artifact_io": "artifacts are always pointers to bulk data under <pipeline_root>/.bulk/ now "
+                                   "(DESIGN.md section 7); remove the key",
+}
+
+
+def _check_removed(key: str) -> None:
+    if key in REMOVED_KEYS:
+        raise ConfigError(f"{key} was removed: {REMOVED_KEYS[key]}")
+
+
 def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(data) - names):
+        _check_removed(f"{where}.{key}" if where else str(key))
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -426,6 +445,12 @@ def _check_choices(cfg: LGFFConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")
     if not cfg.strategy:
         raise ConfigError(f"{origin}: strategy must list at least one stage")
+    for key in ("pipeline.rows_per_task",):
+        if _get_dotted(cfg, key) <= 0:
+            raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")
+    for key in ("pipeline.max_parallel", "pipeline.gpu_count"):
+        if _get_dotted(cfg, key) < 0:
+            raise ConfigError(f"{origin}: {key} must be >= 0, got {_get_dotted(cfg, key)}")
 
 
 # ----------------------------------------------------------------------------------------------- files / overrides
@@ -466,6 +491,7 @@ def apply_overrides(cfg: LGFFConfig, overrides: dict[str, Any], origin: str = "-
         return cfg
     data = config_to_dict(cfg)
     for key, value in overrides.items():
+        _check_removed(key)
         node = data
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):

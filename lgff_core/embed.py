@@ -49,6 +49,7 @@ __all__ = [
     "embed_dataset",
     "finalize_embeddings",
     "collect_embeddings",
+    "embed_block",
 ]
 
 # `--baseline NAME` -> what it is; the name recorded in manifests and metrics starts with "baseline"
@@ -130,7 +131,9 @@ def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[
 
         model, meta = load_model_from_checkpoint(model_uri, device="cpu")
         name = meta.get("name") or str(model_uri).rstrip("/")
-        ident = {"checkpoint": str(model_uri), "files": meta.get("files"), "epoch": meta.get("epoch")}
+        # content only (the sidecar's per-file sha256), never the path: pipeline tasks load the same checkpoint
+        # from different pod-local copies, and their outputs must agree on the model
+        ident = {"files": meta.get("files"), "epoch": meta.get("epoch")}
         trained_size = ((meta.get("config") or {}).get("train") or {}).get("image_size")
     model.eval().to(device)
     speed = resolve_speed_options(cfg, device)
@@ -170,36 +173,110 @@ def _read_marker(out_uri: str, name: str) -> Optional[dict]:
         return None  # a corrupt marker means "not done"
 
 
-def _embed_shard(embedder: Embedder, data_uri: str, manifest, si: int, batch_size: int, num_workers: int,
-                 progress: Optional[Callable[[int], None]]) -> tuple:
-    """(metadata table, (n, D) embeddings) of input shard `si`, rows in the shard's order."""
+def _embed_units(embedder: Embedder, data_uri: str, manifest, units: Sequence[tuple[int, int]], batch_size: int,
+                 num_workers: int, progress: Optional[Callable[[int], None]], where: str) -> tuple:
+    """(metadata table, (n, D) embeddings) of the (shard, row group) `units`, rows in unit order. Memory: the
+    units' embeddings plus one batch of images, whatever the dataset size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from torch.utils.data import DataLoader
 
     from .data.dataset import ShardedImageDataset
-    from .data.shards import read_table
     from .data.transforms import eval_transform
 
-    meta = read_table(data_uri, columns=META_COLUMNS, shards=[si], manifest=manifest)
-    n = meta.num_rows
-    offset = manifest.shard_offsets()[si]
+    offsets = manifest.shard_offsets()
+    metas, starts, block_pos, n = [], [], [], 0
+    open_si, pf = None, None
+    for si, gi in units:
+        if si != open_si:
+            pf = pq.ParquetFile(storage.open_input_file(manifest.shard_uri(si)))
+            open_si = si
+        metas.append(pf.read_row_group(gi, columns=META_COLUMNS))
+        starts.append(offsets[si] + sum(manifest.shards[si].row_groups[:gi]))
+        block_pos.append(n)
+        n += metas[-1].num_rows
+    meta = pa.concat_tables(metas) if metas else None
+    starts_arr, pos_arr = np.asarray(starts, dtype=np.int64), np.asarray(block_pos, dtype=np.int64)
+    order = np.argsort(starts_arr)
+    starts_arr, pos_arr = starts_arr[order], pos_arr[order]
     xb = np.zeros((n, embedder.dim), dtype=np.float32)
     filled = np.zeros(n, dtype=bool)
     ds = ShardedImageDataset(data_uri, transform=eval_transform(embedder.data_config, embedder.image_size),
-                             shards=[si])
+                             units=units)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=lambda rows: (torch.stack([r["image"] for r in rows]),
                                                  np.array([r["index"] for r in rows], dtype=np.int64)))
     for images, index in loader:
-        rows = index - offset
-        if rows.min() < 0 or rows.max() >= n:
-            raise DataError(f"{manifest.shard_uri(si)}: reader returned row {int(index.max())} outside the shard")
+        unit = np.searchsorted(starts_arr, index, side="right") - 1
+        rows = pos_arr[unit] + (index - starts_arr[unit])
+        if (unit < 0).any() or rows.max() >= n:
+            raise DataError(f"{where}: reader returned row {int(index.max())} outside the block")
         xb[rows] = embed_images(embedder, images)
         filled[rows] = True
         if progress is not None:
             progress(len(rows))
     if not filled.all():
-        raise DataError(f"{manifest.shard_uri(si)}: {int((~filled).sum())} row(s) were not read")
+        raise DataError(f"{where}: {int((~filled).sum())} row(s) were not read")
     return meta, xb
+
+
+def _embed_shard(embedder: Embedder, data_uri: str, manifest, si: int, batch_size: int, num_workers: int,
+                 progress: Optional[Callable[[int], None]]) -> tuple:
+    """(metadata table, (n, D) embeddings) of input shard `si`, rows in the shard's order."""
+    units = [(si, gi) for gi in range(len(manifest.shards[si].row_groups))]
+    meta, xb = _embed_units(embedder, data_uri, manifest, units, batch_size, num_workers, progress,
+                            manifest.shard_uri(si))
+    if meta is None:
+        from .data.shards import read_table
+
+        meta = read_table(data_uri, columns=META_COLUMNS, shards=[si], manifest=manifest)
+    return meta, xb
+
+
+def _meta_to_table(meta, xb: np.ndarray):
+    return embeddings_to_table(meta.column("sample_id").to_pylist(), meta.column("label").to_numpy(),
+                               meta.column("label_name").to_pylist(), meta.column("group").to_pylist(),
+                               meta.column("split").to_pylist(), xb)
+
+
+def embed_block(block: dict, out_uri: str, cfg: LGFFConfig, model_uri: Optional[str] = None,
+                baseline: Optional[str] = None, *, embedder: Optional[Embedder] = None,
+                progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Embed one work block of `lgff_core.plan.plan_blocks` into `out_uri` (one shard + manifest; the manifest names
+    the block, its dataset and the model). The block's shards are checked against the dataset manifest by name and
+    sha256, so a dataset republished since the plan fails loudly instead of mixing versions."""
+    from .data.shards import read_manifest
+
+    data_uri = block["dataset"]
+    manifest = read_manifest(data_uri)
+    if manifest.kind not in ("images", "coco"):
+        raise DataError(f"{data_uri}: dataset kind {manifest.kind!r} has no images to embed")
+    by_name = {s.name: i for i, s in enumerate(manifest.shards)}
+    units = []
+    for unit in block["units"]:
+        si = by_name.get(unit["shard"])
+        if si is None or manifest.shards[si].sha256 != unit["sha256"]:
+            raise DataError(f"{data_uri}: shard {unit['shard']} of block {block['block']} is missing or changed "
+                            "since the plan was made (rerun the plan)")
+        g0, g1 = (int(g) for g in unit["row_groups"])  # a kfp struct parameter turns ints into floats
+        units += [(si, gi) for gi in range(g0, g1)]
+    embedder = embedder or load_embedder(model_uri, cfg, baseline)
+    t0 = time.perf_counter()
+    meta, xb = _embed_units(embedder, data_uri, manifest, units, cfg.embed.batch_size, cfg.embed.num_workers,
+                            progress, f"{data_uri} block {block['block']}")
+    seconds = time.perf_counter() - t0
+    shards = []
+    if meta is not None and meta.num_rows:
+        name = "part-00000.parquet"
+        shards.append({"name": name, **write_embeddings_shard(storage.join(out_uri, name), _meta_to_table(meta, xb))})
+    out = write_embeddings_manifest(
+        out_uri, shards, embedder.dim, manifest.label_names, model=embedder.name,
+        model_fingerprint=embedder.fingerprint, source=str(data_uri).rstrip("/"),
+        source_fingerprint=manifest.source_fingerprint, is_baseline=embedder.name.startswith("baseline"),
+        block=int(block["block"]), block_units=block["units"])
+    rows = out["num_rows"]
+    logger.info("block %s: %d rows in %.1f s (%.1f img/s)", block["block"], rows, seconds, rows / max(seconds, 1e-9))
+    return out
 
 
 def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LGFFConfig,
@@ -236,10 +313,7 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
         meta, xb = _embed_shard(embedder, data_uri, manifest, si, cfg.embed.batch_size, cfg.embed.num_workers,
                                 progress)
         dt = time.perf_counter() - t0
-        table = embeddings_to_table(meta.column("sample_id").to_pylist(), meta.column("label").to_numpy(),
-                                    meta.column("label_name").to_pylist(), meta.column("group").to_pylist(),
-                                    meta.column("split").to_pylist(), xb)
-        written = write_embeddings_shard(storage.join(out_uri, info.name), table)
+        written = write_embeddings_shard(storage.join(out_uri, info.name), _meta_to_table(meta, xb))
         marker = {"name": info.name, **written, "input_sha256": info.sha256, "fingerprint": embedder.fingerprint,
                   "model": embedder.name, "dim": embedder.dim, "shard_index": si,
                   "source": str(data_uri).rstrip("/"), "source_shards": manifest.num_shards}
@@ -296,36 +370,67 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
 
 
 def collect_embeddings(part_uris: Iterable[str], out_uri: str) -> dict:
-    """Join shard outputs written to separate prefixes (one per `embed --shard` job) into `out_uri` + manifest."""
-    from .data.shards import read_manifest
+    """One embeddings manifest at `out_uri` naming the shards of `part_uris` by absolute URI; copies nothing.
 
-    found: dict[str, tuple[str, dict]] = {}
+    A part is an embed block output (its manifest names the block; parts are ordered by block) or a prefix written
+    by `lgff embed --shard I/N` (its done markers; ordered as the dataset's shards). The parts must come from one
+    dataset and one model and cover every row of the dataset exactly once.
+    """
+    from .data.shards import read_manifest
+    from .embeddings import MANIFEST_NAME as EMB_MANIFEST, read_embeddings_manifest
+
+    part_uris = [str(p).rstrip("/") for p in part_uris]
+    blocks, markers = [], {}
     for part in part_uris:
+        if storage.exists(storage.join(part, EMB_MANIFEST)):
+            m = read_embeddings_manifest(part)
+            blocks.append((m.get("block", len(blocks)), part, m))
+            continue
         for uri in storage.list_files(storage.join(part, DONE_DIR)):
-            if not uri.endswith(".json"):
-                continue
-            m = json.loads(storage.read_text(uri))
-            found.setdefault(m["name"], (part, m))
-    if not found:
-        raise DataError(f"no embedded shards under {list(part_uris)}")
-    sources = {m["source"] for _, m in found.values()}
+            if uri.endswith(".json"):
+                m = storage.read_json(uri)
+                markers.setdefault(m["name"], (part, m))
+    if not blocks and not markers:
+        raise DataError(f"no embedded shards under {part_uris}")
+    sources = {m["source"] for _, _, m in blocks} | {m["source"] for _, m in markers.values()}
     if len(sources) != 1:
         raise DataError(f"parts were embedded from different datasets: {sorted(sources)}")
     data_uri = sources.pop()
     manifest = read_manifest(data_uri)
-    missing = [s.name for s in manifest.shards if s.name not in found]
-    if missing:
-        raise DataError(f"{len(missing)} of {manifest.num_shards} shard(s) missing from the parts, e.g. {missing[:3]}")
-    markers = []
-    for info in manifest.shards:
-        part, m = found[info.name]
-        if m["input_sha256"] != info.sha256:
-            raise DataError(f"{part}/{info.name} was embedded from a different version of {data_uri}/{info.name}")
-        if str(part).rstrip("/") != str(out_uri).rstrip("/"):
-            data = storage.read_bytes(storage.join(part, info.name))
-            if hashlib.sha256(data).hexdigest() != m["sha256"]:
-                raise DataError(f"{part}/{info.name}: sha256 differs from its done marker")
-            storage.write_bytes(storage.join(out_uri, info.name), data)
-            storage.write_text(_marker_uri(out_uri, info.name), json.dumps(m, indent=1, sort_keys=True))
-        markers.append(m)
-    return _manifest_from_markers(out_uri, markers, manifest, data_uri)
+    fps = {m["model_fingerprint"] for _, _, m in blocks} | {m["fingerprint"] for _, m in markers.values()}
+    if len(fps) != 1:
+        raise DataError(f"parts were embedded with {len(fps)} different models/settings; re-embed")
+    shards = []
+    if blocks:
+        if markers:
+            raise DataError("cannot collect block outputs and --shard outputs together")
+        blocks.sort(key=lambda b: b[0])
+        ids = [b[0] for b in blocks]
+        if len(set(ids)) != len(ids):
+            raise DataError(f"block(s) {sorted({i for i in ids if ids.count(i) > 1})} given more than once")
+        for _, part, m in blocks:
+            shards += [{**s, "name": storage.resolve(part, s["name"])} for s in m["shards"]]
+        first = blocks[0][2]
+        dim, model, fingerprint = first["dim"], first["model"], first["model_fingerprint"]
+    else:
+        missing = [s.name for s in manifest.shards if s.name not in markers]
+        if missing:
+            raise DataError(f"{len(missing)} of {manifest.num_shards} shard(s) missing from the parts, "
+                            f"e.g. {missing[:3]}")
+        for info in manifest.shards:
+            part, m = markers[info.name]
+            if m["input_sha256"] != info.sha256:
+                raise DataError(f"{part}/{info.name} was embedded from a different version of {data_uri}/{info.name}")
+            shards.append({"name": storage.join(part, info.name), "num_rows": m["num_rows"], "sha256": m["sha256"]})
+        first = markers[manifest.shards[0].name][1]
+        dim, model, fingerprint = first["dim"], first["model"], first["fingerprint"]
+    rows = sum(int(s["num_rows"]) for s in shards)
+    if rows != manifest.num_rows:
+        raise DataError(f"parts hold {rows} embeddings but {data_uri} has {manifest.num_rows} rows "
+                        "(a block is missing or given twice)")
+    out = write_embeddings_manifest(
+        out_uri, shards, dim, manifest.label_names, model=model, model_fingerprint=fingerprint,
+        source=str(data_uri).rstrip("/"), source_fingerprint=manifest.source_fingerprint,
+        is_baseline=str(model).startswith("baseline"))
+    logger.info("%s: manifest naming %d shard(s) of %d part(s), %d rows", out_uri, len(shards), len(part_uris), rows)
+    return out

@@ -186,7 +186,7 @@ def read_embeddings(uri: str, split: Optional[str | Sequence[str]] = None,
     parts = []
     for i in chosen:
         entry = entries[i]
-        where = storage.join(uri, entry["name"])
+        where = storage.resolve(uri, entry["name"])  # absolute in pointer manifests (collect, pipeline artifacts)
         table = read_embeddings_shard(where, dim)
         if table.num_rows != entry["num_rows"]:
             raise DataError(f"{where}: {table.num_rows} rows, manifest says {entry['num_rows']}")

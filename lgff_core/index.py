@@ -513,7 +513,7 @@ def train_from_embeddings(embeddings_uri: str, out_uri: str, factory: str, metri
         if wanted is None:
             sizes.append(int(entry["num_rows"]))
         else:
-            col = read_embeddings_shard(storage.join(embeddings_uri, entry["name"]), 0, columns=["split"])
+            col = read_embeddings_shard(storage.resolve(embeddings_uri, entry["name"]), 0, columns=["split"])
             sizes.append(int(np.isin(np.asarray(col.column("split").to_pylist(), dtype=object), wanted).sum()))
     total = int(sum(sizes))
     if total == 0:

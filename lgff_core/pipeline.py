@@ -20,6 +20,7 @@ Secret reference live in its platform spec; kfp.local ignores that part); `submi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -162,14 +163,23 @@ def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str,
     ``kfp.local.orchestrator.task_executor.execute_single_task`` (kfp 2.17 internals); if that hook is missing the
     run still works, only the per-task table is empty."""
     try:
+        from kfp.local import cache as cache_module
         from kfp.local.orchestrator import task_executor
     except ImportError:  # pragma: no cover - other kfp versions
         yield
         return
     original = task_executor.execute_single_task
+    original_get = cache_module.LocalCache.get
     lock = threading.Lock()
+    hits = threading.local()  # a task's cache lookup runs on the thread that executes the task
+
+    def cache_get(self, key):
+        found = original_get(self, key)
+        hits.hit = found is not None
+        return found
 
     def wrapper(*args, **kwargs):
+        hits.hit = False
         outputs, task_status = original(*args, **kwargs)
         name = kwargs.get("task_name", "?")
         spec = kwargs.get("task_spec")
@@ -181,7 +191,7 @@ def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str,
             status = "failed"
         elif _is_importer(kwargs):
             status = "imported"
-        elif paths and not any(u.startswith(run_dir + os.sep) for u in paths):
+        elif hits.hit or (paths and not any(u.startswith(run_dir + os.sep) for u in paths)):
             status = "cached"
         else:
             status = "executed"
@@ -192,10 +202,12 @@ def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str,
         return outputs, task_status
 
     task_executor.execute_single_task = wrapper
+    cache_module.LocalCache.get = cache_get
     try:
         yield
     finally:
         task_executor.execute_single_task = original
+        cache_module.LocalCache.get = original_get
 
 
 def _is_importer(kwargs: dict) -> bool:
@@ -257,6 +269,8 @@ def run_local(
         raise PipelineError(f"local runs need a local pipeline root, got {pipeline_root or cfg.pipeline.pipeline_root!r}"
                             " (use --root DIR; s3:// roots are for cluster runs)")
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    # the tasks put bulk data under <root>/.bulk/ (LGFF_PIPELINE_ROOT, set from the config): this run's root
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, pipeline_root=root))
     func = build(name, cfg)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log_path = os.path.join(root, "logs", f"{name}-{stamp}.log")

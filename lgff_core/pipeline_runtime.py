@@ -1,9 +1,20 @@
-"""Helpers that run *inside* a kfp component (in the project image, or in the local venv under kfp.local).
+"""Helpers that run *inside* a kfp component: the one place that knows the KFP v2 launcher's artifact contract.
 
-A component body stays a few lines: it turns its artifacts into URIs (`artifact_uri`), writes its config slice to
-a file (`write_config`), runs the stage's `lgff` command through the same entry point as the shell
-(`run_cli` -> `lgff_core.cli.main`), and records small facts about its outputs in ``artifact.metadata``
-(`dataset_facts`, `model_facts`). Facts include a content digest, which enters downstream cache keys.
+The contract (DESIGN.md section 7; kubeflow/pipelines ``backend/src/v2/component/launcher_v2.go``): before the
+command starts, the launcher downloads every input artifact to a local path (``s3://b/k`` -> ``/s3/b/k``); the
+artifact's ``.path`` is that local copy and ``.uri`` the object-store URI. After the command it uploads every output
+artifact's local ``.path`` to its ``.uri``. Under kfp.local ``.path`` and ``.uri`` are the same local directory.
+
+So artifacts are *pointers*: the local content of a Dataset / Embeddings / Index artifact is its manifest
+(``_manifest.json``, ``index.json``, ...), which names the bulk files by absolute URI with size and sha256. Stages
+write bulk data straight to `bulk_uri` = ``<pipeline_root>/.bulk/<artifact path under the root>`` (never under the
+artifact's own prefix, which the launcher would copy into every downstream pod), then `publish_pointer` writes the
+manifest into the output's local path. Readers take the manifest from the input's local copy (`input_path`, tiny)
+and stream the bulk files from their URIs (`bulk_of` for stages whose readers take a prefix). Bulk files are never
+rewritten once a manifest names them: every task run writes under its own artifact's bulk prefix.
+
+A model checkpoint is needed whole by the task that uses it, so it lives inside its artifact (`model_checkpoint_uri`).
+Parameters that follow content (fingerprints, block lists) are computed by `lgff_core.plan`.
 """
 from __future__ import annotations
 
@@ -12,15 +23,23 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from . import storage
+from .errors import DataError
 
 __all__ = [
-    "DIRECT_IO_ENV",
-    "artifact_uri",
+    "PIPELINE_ROOT_ENV",
+    "BULK_DIR",
+    "object_uri",
+    "bulk_uri",
+    "input_path",
+    "bulk_of",
+    "publish_pointer",
+    "read_pointer",
     "run_cli",
     "write_config",
+    "write_json_file",
     "dataset_facts",
     "model_checkpoint_uri",
     "model_facts",
@@ -29,26 +48,105 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Set on every task by the pipelines (config pipeline.direct_artifact_io): read / write remote artifacts at their
-# s3:// URI instead of the launcher's local copy, so a task that only needs a manifest or one shard does not depend
-# on what the launcher copied into its pod. Local paths (kfp.local) are unaffected. Not tested on a real cluster.
-DIRECT_IO_ENV = "LGFF_DIRECT_ARTIFACT_IO"
-_REMOTE = ("s3://", "gs://", "minio://")
+# Set on every task by the pipelines (the compiled pipeline root; kfp.local runs set the run's root)
+PIPELINE_ROOT_ENV = "LGFF_PIPELINE_ROOT"
+BULK_DIR = ".bulk"
+# manifests whose shard entries are rewritten to absolute URIs, so any lgff reader can open the local copy
+_SHARDED_MANIFESTS = ("_manifest.json",)
 
 
-def artifact_uri(artifact: Any) -> str:
-    """Where a task reads / writes an artifact's data.
+def object_uri(artifact: Any) -> str:
+    """The artifact's URI as `lgff_core.storage` reads it (``minio://`` is S3 under another name)."""
+    uri = str(getattr(artifact, "uri", "") or "")
+    return "s3://" + uri[len("minio://"):] if uri.startswith("minio://") else uri
 
-    kfp.local gives every artifact a local ``.path`` (its URI); on a cluster the launcher also maps remote URIs
-    to local paths, but with ``LGFF_DIRECT_ARTIFACT_IO=1`` and a remote ``.uri`` the stage uses that URI through
-    `lgff_core.storage` (big data passed as URIs; credentials from the task's AWS_* env).
-    """
-    uri = getattr(artifact, "uri", "") or ""
-    if os.environ.get(DIRECT_IO_ENV) == "1" and uri.startswith(_REMOTE):
-        # the launcher uploads the local path of each output after the task: leave it an empty directory
-        os.makedirs(artifact.path, exist_ok=True)
-        return uri.replace("minio://", "s3://", 1)
-    return artifact.path
+
+def _root_and_rest(uri: str) -> tuple[str, str]:
+    """(pipeline root, path of `uri` below it). The root comes from ``LGFF_PIPELINE_ROOT`` when it prefixes the
+    URI; otherwise (a root given at submit time) the bucket for object stores, or the kfp.local layout
+    ``<root>/<run>/<task>/<output>`` for local paths."""
+    root = os.environ.get(PIPELINE_ROOT_ENV, "").rstrip("/")
+    if root and not storage.is_local(root) and root.startswith("minio://"):
+        root = "s3://" + root[len("minio://"):]
+    if root and storage.is_local(root) and storage.is_local(uri):
+        root, uri = storage.local_path(root), storage.local_path(uri)
+    if root and uri.startswith(root + "/"):
+        return root, uri[len(root) + 1:]
+    if not storage.is_local(uri):
+        scheme, _, rest = uri.partition("://")
+        bucket, _, key = rest.partition("/")
+        return f"{scheme}://{bucket}", key
+    path = storage.local_path(uri)
+    parts = path.rstrip("/").split("/")
+    return "/".join(parts[:-3]) or "/", "/".join(parts[-3:])
+
+
+def bulk_uri(artifact: Any) -> str:
+    """Where a task writes the bulk data of output `artifact`: ``<pipeline_root>/.bulk/<artifact path>``."""
+    root, rest = _root_and_rest(object_uri(artifact))
+    return storage.join(root, BULK_DIR, rest)
+
+
+def input_path(artifact: Any) -> str:
+    """The local copy of an input artifact (the launcher's download; under kfp.local the artifact itself)."""
+    return str(artifact.path)
+
+
+def _file_entry(uri: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with storage.open_input_stream(uri) as f:
+        while True:
+            chunk = f.read(8 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+            size += len(chunk)
+    return {"uri": uri, "size": size, "sha256": h.hexdigest()}
+
+
+def publish_pointer(artifact: Any, bulk: str, manifest_name: str, extra: Optional[dict] = None) -> dict:
+    """Write the pointer of output `artifact`: the stage's manifest at ``bulk/manifest_name``, with every bulk file
+    listed by absolute URI, size and sha256 (``"bulk": {"prefix", "files"}``) and, for sharded sets, the shard
+    names made absolute. Written into the artifact's local path (the launcher uploads it); returns it."""
+    manifest = storage.read_json(storage.join(bulk, manifest_name))
+    if not isinstance(manifest, dict):
+        raise DataError(f"{storage.join(bulk, manifest_name)}: expected a JSON object")
+    if manifest_name in _SHARDED_MANIFESTS:
+        for shard in manifest.get("shards", []):
+            shard["name"] = storage.resolve(bulk, shard["name"])
+    # shards already carry their sha256: only stat them; other bulk files (faiss, id maps) are hashed here
+    known = {s["name"]: s["sha256"] for s in manifest.get("shards", []) if "sha256" in s}
+    files = []
+    for uri in storage.list_files(bulk):
+        name = storage.basename(uri)
+        if name == manifest_name or "/_done/" in uri or name.startswith("."):
+            continue
+        files.append({"uri": uri, "size": storage.file_size(uri), "sha256": known[uri]} if uri in known
+                     else _file_entry(uri))
+    manifest["bulk"] = {"prefix": bulk, "files": files}
+    manifest.update(extra or {})
+    write_json_file(os.path.join(str(artifact.path), manifest_name), manifest)
+    return manifest
+
+
+def read_pointer(artifact: Any, manifest_name: str) -> dict:
+    """The pointer manifest of input `artifact` (read from its local copy)."""
+    path = os.path.join(input_path(artifact), manifest_name)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input artifact {getattr(artifact, 'uri', '')} has no {manifest_name} "
+                        "(not written by an lgff task?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def bulk_of(artifact: Any, manifest_name: str) -> str:
+    """The bulk prefix an input pointer names (for stages whose readers open a prefix, e.g. an index)."""
+    pointer = read_pointer(artifact, manifest_name)
+    try:
+        return pointer["bulk"]["prefix"]
+    except (KeyError, TypeError):
+        raise DataError(f"{input_path(artifact)}/{manifest_name}: not a pointer manifest (no bulk.prefix)") from None
 
 
 def run_cli(argv: Sequence[str]) -> None:
@@ -70,35 +168,24 @@ def write_config(config_yaml: str) -> str:
     return path
 
 
-def _digest_files(uri: str, names: Sequence[str] | None = None) -> str:
-    """sha256 over (relative name, bytes digest) of the files under `uri` (or only `names`)."""
-    h = hashlib.sha256()
-    files = sorted(storage.list_files(uri)) if names is None else [storage.join(uri, n) for n in names]
-    for f in files:
-        rel = f[len(uri):].lstrip("/") if f.startswith(uri) else f
-        h.update(rel.encode())
-        h.update(hashlib.sha256(storage.read_bytes(f)).digest())
-    return h.hexdigest()
+def write_json_file(path: str, data: Any) -> str:
+    """Write JSON to a local file (directories created); returns the path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=str)
+    return path
 
 
-def dataset_facts(uri: str) -> dict[str, Any]:
-    """num_rows / num_shards / digest of a sharded Parquet dataset (or embeddings) at `uri`.
-
-    The digest hashes the manifest, which already lists every shard's sha256, so it is cheap and content-addressed.
-    """
-    manifest_uri = storage.join(uri, "_manifest.json")
-    if not storage.exists(manifest_uri):
-        return {"digest": _digest_files(uri)}
-    raw = storage.read_bytes(manifest_uri)
-    facts: dict[str, Any] = {"digest": hashlib.sha256(raw).hexdigest()}
-    try:
-        manifest = json.loads(raw)
-    except ValueError:
-        return facts
+def dataset_facts(manifest: dict) -> dict[str, Any]:
+    """num_rows / num_shards / digest of a (pointer) manifest, for ``artifact.metadata``."""
+    facts: dict[str, Any] = {"digest": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()}
     shards = manifest.get("shards") or []
-    facts["num_shards"] = len(shards)
+    if shards:
+        facts["num_shards"] = len(shards)
     if "num_rows" in manifest:
         facts["num_rows"] = manifest["num_rows"]
+    elif "ntotal" in manifest:
+        facts["num_rows"] = manifest["ntotal"]
     elif shards and all("num_rows" in s for s in shards):
         facts["num_rows"] = sum(int(s["num_rows"]) for s in shards)
     return facts
@@ -113,16 +200,17 @@ def model_checkpoint_uri(uri: str) -> str:
 
 
 def model_facts(uri: str) -> dict[str, Any]:
-    """Digest of the model weights + sidecar, and the training summary if the run wrote one."""
+    """Digest of the checkpoint's weights + sidecar."""
     ckpt = model_checkpoint_uri(uri)
     names = [n for n in ("model.safetensors", "model.json") if storage.exists(storage.join(ckpt, n))]
-    facts: dict[str, Any] = {"checkpoint": ckpt, "digest": _digest_files(ckpt, names) if names else _digest_files(uri)}
-    return facts
+    h = hashlib.sha256()
+    for name in names or sorted(storage.basename(f) for f in storage.list_files(ckpt, recursive=False)):
+        h.update(name.encode())
+        h.update(hashlib.sha256(storage.read_bytes(storage.join(ckpt, name))).digest())
+    return {"checkpoint": ckpt, "digest": h.hexdigest()}
 
 
 def write_json_artifact(path: str, data: dict[str, Any]) -> None:
     """Materialise a Metrics artifact as a file too: kfp.local treats an output whose path does not exist as a
     cache miss, and kfp only stores Metrics in metadata."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
+    write_json_file(path, data)

@@ -53,6 +53,7 @@ __all__ = [
     "local_path",
     "file_size",
     "basename",
+    "resolve",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,15 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
             continue
         out = out.rstrip("/") + "/" + part if out else part
     return out
+
+
+def resolve(base: str | os.PathLike, name: str) -> str:
+    """`name` as listed in a manifest at `base`: an absolute URI / path is used as is (pointer manifests of
+    pipeline artifacts name bulk files elsewhere), a relative name is joined to `base` (CLI-made datasets)."""
+    name = str(name)
+    if "://" in name or name.startswith("/"):
+        return name
+    return join(base, name)
 
 
 def basename(uri: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from kfp import dsl, kubernetes
 
 from lgff_core.config import LGFFConfig
-from lgff_core.pipeline_runtime import DIRECT_IO_ENV
+from lgff_core.pipeline_runtime import PIPELINE_ROOT_ENV
 
 GPU_STAGES = ("train", "embed")
 # secret key -> environment variable the stage reads (lgff_core.storage uses the standard AWS names)
@@ -17,10 +17,13 @@ S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_K
 
 
 def configure_task(task: dsl.PipelineTask, cfg: LGFFConfig, stage: str, display_name: str) -> dsl.PipelineTask:
-    """Image, display name, caching, retries, resources; GPU + node selector + toleration for GPU stages;
-    S3 credentials from the Kubernetes Secret named ``pipeline.s3_secret`` (referenced by name, never a value)."""
+    """Image, display name, caching, retries, resources; for GPU stages with ``pipeline.gpu_count`` > 0 the GPU
+    image, GPU request, node selector and toleration (CPU presets set gpu_count 0 and request none); the object
+    store's endpoint / region from the config and its credentials from the Kubernetes Secret named
+    ``pipeline.s3_secret`` (referenced by name, never a value); the pipeline root (where the bulk data goes)."""
     p = cfg.pipeline
-    task.set_container_image(p.image)
+    gpu = stage in GPU_STAGES and p.gpu_count > 0
+    task.set_container_image(p.gpu_image if gpu else p.image)
     task.set_display_name(display_name)
     task.set_caching_options(enable_caching=p.enable_caching)
     if p.retries > 0:
@@ -34,17 +37,18 @@ def configure_task(task: dsl.PipelineTask, cfg: LGFFConfig, stage: str, display_
         task.set_memory_request(res["memory_request"])
     if "memory_limit" in res:
         task.set_memory_limit(res["memory_limit"])
-    if stage in GPU_STAGES and p.gpu_count > 0:
+    if gpu:
         task.set_accelerator_type(p.gpu_resource)
         task.set_accelerator_limit(p.gpu_count)
         for label, value in sorted(p.gpu_node_selector.items()):
             kubernetes.add_node_selector(task, label_key=label, label_value=value)
         if p.gpu_toleration_key:
             kubernetes.add_toleration(task, key=p.gpu_toleration_key, operator="Exists", effect="NoSchedule")
-    if p.direct_artifact_io:
-        task.set_env_variable(DIRECT_IO_ENV, "1")
+    task.set_env_variable(PIPELINE_ROOT_ENV, p.pipeline_root)
     if p.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint)
+    if p.s3_region:
+        task.set_env_variable("AWS_REGION", p.s3_region)
     if p.s3_secret:
         kubernetes.use_secret_as_env(task, secret_name=p.s3_secret, secret_key_to_env=dict(S3_SECRET_KEYS))
     return task

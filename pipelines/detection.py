@@ -12,7 +12,7 @@ from lgff_core.config import ConfigError, LGFFConfig, apply_overrides
 from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
 
 from ._wiring import configure_task, pipeline_root_for
-from .train_and_index import dataset_task
+from .train_and_index import dataset_source
 
 NAME = "lgff-detection"
 NECKS = ("lgffn_d", "bifpn")
@@ -30,15 +30,15 @@ def build_pipeline(cfg: LGFFConfig):
     @dsl.pipeline(name=NAME, description="LGFFDM: LGFFN-D vs BiFPN necks, Mask R-CNN, COCO AP (Table 5.3)",
                   pipeline_root=pipeline_root_for(cfg))
     def detection(source: str = source_default) -> Outputs:
-        data = dataset_task(cfg, source, source_is_uri)
-        dataset = data.outputs["artifact"] if source_is_uri else data.outputs["dataset"]
+        data_uri, data_fp = dataset_source(cfg, source, source_is_uri)
         models, results = {}, {}
         for neck in NECKS:
             neck_cfg = apply_overrides(cfg, {"model.neck": neck, "name": f"{cfg.name}-{neck}"})
-            train = c.train(config_yaml=train_stage_config_yaml(neck_cfg, 0), stage_name=neck, data=dataset)
+            train = c.train(config_yaml=train_stage_config_yaml(neck_cfg, 0), stage_name=neck, data_uri=data_uri,
+                            data_fingerprint=data_fp, nproc=max(1, cfg.pipeline.gpu_count))
             models[neck] = configure_task(train, cfg, "train", f"train-{neck}").outputs["model"]
             ev = c.evaluate_detection(config_yaml=stage_config_yaml(neck_cfg, "evaluate_detection"), label=neck,
-                                      data=dataset, model=models[neck])
+                                      data_uri=data_uri, data_fingerprint=data_fp, model=models[neck])
             results[neck] = configure_task(ev, cfg, "evaluate", f"evaluate-{neck}").outputs["results"]
         rep = c.report(config_yaml=stage_config_yaml(cfg, "report"), model_results=results["lgffn_d"],
                        baseline_results=results["bifpn"])

@@ -1,10 +1,15 @@
-"""train_and_index: prep -> train (strategy stages chained by init) -> embed fan-out (model and baseline) ->
-collect -> index (one shot, or train/add fan-out/merge) -> evaluate (model and baseline) -> report."""
+"""train_and_index: prep (or scan of an existing dataset URI) -> plan -> train (strategy stages chained by init) ->
+embed fan-out over the plan's blocks (model and baseline) -> collect -> index (one shot, or train / add per block /
+merge) -> evaluate (model and baseline) -> report.
 
-from typing import NamedTuple
+The dataset travels as parameters (its URI and a content fingerprint), the fan-out width is the plan's output
+(``rows_per_task`` is a run parameter): nothing about the data size is fixed at compile time (DESIGN.md section 7).
+"""
+
+from typing import NamedTuple, Optional
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Markdown, Model
+from kfp.dsl import HTML, Markdown, Model
 
 import components as c
 from lgff_core.config import LGFFConfig
@@ -16,42 +21,57 @@ from ._wiring import configure_task, pipeline_root_for
 NAME = "lgff-train-and-index"
 
 
-def dataset_task(cfg: LGFFConfig, source, source_is_uri: bool) -> dsl.PipelineTask:
-    """The dataset: built by the prep component, or an existing dataset URI imported as an artifact."""
+def scan_task(cfg: LGFFConfig, data_uri, model_uri="", display_name: str = "scan") -> dsl.PipelineTask:
+    """Fingerprint sources imported by URI; never cached, so a changed source is always seen."""
+    task = configure_task(c.scan(data_uri=data_uri, model_uri=model_uri), cfg, "plan", display_name)
+    task.set_caching_options(enable_caching=False)
+    return task
+
+
+def dataset_source(cfg: LGFFConfig, source, source_is_uri: bool) -> tuple:
+    """(data_uri, data_fingerprint) channels: prep's outputs, or an existing dataset URI and its scan."""
     if source_is_uri:
-        task = dsl.importer(artifact_uri=source, artifact_class=Dataset, reimport=False)
-        task.set_display_name("import-dataset")
-        return task
-    return configure_task(c.prep(source=source, config_yaml=stage_config_yaml(cfg, "prep")), cfg, "prep", "prep")
+        return source, scan_task(cfg, source, display_name="scan-dataset").outputs["data_fingerprint"]
+    prep = configure_task(c.prep(source=source, config_yaml=stage_config_yaml(cfg, "prep")), cfg, "prep", "prep")
+    return prep.outputs["uri"], prep.outputs["fingerprint"]
 
 
-def embed_fanout(cfg: LGFFConfig, data, model, label: str) -> dsl.PipelineTask:
-    """embed over `pipeline.embed_shards` shard ranges in a ParallelFor, then collect; returns the collect task."""
-    n = cfg.pipeline.embed_shards
+def plan_task(cfg: LGFFConfig, data_uri, data_fingerprint, rows_per_task) -> dsl.PipelineTask:
+    task = c.plan(data_uri=data_uri, data_fingerprint=data_fingerprint, rows_per_task=rows_per_task)
+    return configure_task(task, cfg, "plan", "plan")
+
+
+def embed_fanout(cfg: LGFFConfig, plan: dsl.PipelineTask, label: str, model=None, model_uri=None,
+                 model_fingerprint=None) -> dsl.PipelineTask:
+    """embed per plan block in a ParallelFor (``pipeline.max_parallel`` at a time), then collect; returns the
+    collect task. The model: a train output (``model``), one imported by URI (``model_uri`` + fingerprint), or
+    neither (the GeM baseline)."""
     embed_cfg = stage_config_yaml(cfg, "embed")
-    with dsl.ParallelFor(items=list(range(n)), parallelism=cfg.pipeline.embed_parallelism, name=f"embed-{label}") as i:
-        kwargs = {"model": model} if model is not None else {}
-        shard = c.embed(config_yaml=embed_cfg, shard_index=i, num_shards=n, data=data, **kwargs)
-        configure_task(shard, cfg, "embed", f"embed-{label}")
-    collect = c.collect_embeddings(parts=dsl.Collected(shard.outputs["embeddings"]))
+    with dsl.ParallelFor(items=plan.output, parallelism=cfg.pipeline.max_parallel,
+                         name=f"embed-{label}") as block:
+        kwargs = {}
+        if model is not None:
+            kwargs["model"] = model
+        elif model_uri is not None:
+            kwargs.update(model_uri=model_uri, model_fingerprint=model_fingerprint)
+        task = configure_task(c.embed(config_yaml=embed_cfg, block=block, **kwargs), cfg, "embed", f"embed-{label}")
+    collect = c.collect_embeddings(parts=dsl.Collected(task.outputs["embeddings"]))
     return configure_task(collect, cfg, "report", f"collect-embeddings-{label}")
 
 
-def index_tasks(cfg: LGFFConfig, embeddings, label: str) -> dsl.PipelineTask:
-    """One-shot build, or (``pipeline.sharded_index``) train -> add per shard range (ParallelFor) -> merge."""
+def index_tasks(cfg: LGFFConfig, embeddings, plan: dsl.PipelineTask, label: str) -> dsl.PipelineTask:
+    """One-shot build, or (``pipeline.sharded_index``) train -> add per plan block (ParallelFor) -> merge."""
     index_cfg = stage_config_yaml(cfg, "index")
     if not cfg.pipeline.sharded_index:
         build = c.index_build(config_yaml=index_cfg, embeddings=embeddings)
         return configure_task(build, cfg, "index", f"index-build-{label}")
     trained = configure_task(c.index_train(config_yaml=index_cfg, embeddings=embeddings), cfg, "index",
                              f"index-train-{label}")
-    n = cfg.pipeline.embed_shards
-    with dsl.ParallelFor(items=list(range(n)), parallelism=cfg.pipeline.embed_parallelism, name=f"index-add-{label}") as i:
-        add = c.index_add(shard_index=i, num_shards=n, trained=trained.outputs["trained"],
-                          embeddings=embeddings)
+    with dsl.ParallelFor(items=plan.output, parallelism=cfg.pipeline.max_parallel,
+                         name=f"index-add-{label}") as block:
+        add = c.index_add(block=block, trained=trained.outputs["trained"], embeddings=embeddings)
         configure_task(add, cfg, "index", f"index-add-{label}")
-    merge = c.index_merge(trained=trained.outputs["trained"],
-                          partials=dsl.Collected(add.outputs["partial"]))
+    merge = c.index_merge(trained=trained.outputs["trained"], partials=dsl.Collected(add.outputs["partial"]))
     return configure_task(merge, cfg, "index", f"index-merge-{label}")
 
 
@@ -69,26 +89,25 @@ def build_pipeline(cfg: LGFFConfig):
 
     @dsl.pipeline(name=NAME, description="LGFF: train, embed (model + GeM baseline), index, evaluate, report",
                   pipeline_root=pipeline_root_for(cfg))
-    def train_and_index(source: str = source_default) -> Outputs:
-        data = dataset_task(cfg, source, source_is_uri)
-        dataset = data.outputs["artifact"] if source_is_uri else data.outputs["dataset"]
+    def train_and_index(source: str = source_default, rows_per_task: int = cfg.pipeline.rows_per_task) -> Outputs:
+        data_uri, data_fp = dataset_source(cfg, source, source_is_uri)
+        plan = plan_task(cfg, data_uri, data_fp, rows_per_task)
 
-        model = None
+        model: Optional[dsl.PipelineTask] = None
         for i, stage in enumerate(cfg.strategy):
-            stage_data = dataset
+            stage_uri, stage_fp = data_uri, data_fp
             if stage.data:
-                imp = dsl.importer(artifact_uri=stage.data, artifact_class=Dataset, reimport=False)
-                imp.set_display_name(f"import-{stage.name}")
-                stage_data = imp.outputs["artifact"]
+                stage_uri = stage.data
+                stage_fp = scan_task(cfg, stage.data, display_name=f"scan-{stage.name}").outputs["data_fingerprint"]
             kwargs = {"init": model.outputs["model"]} if model is not None else {}
-            task = c.train(config_yaml=train_stage_config_yaml(cfg, i), stage_name=stage.name, data=stage_data,
-                           **kwargs)
+            task = c.train(config_yaml=train_stage_config_yaml(cfg, i), stage_name=stage.name, data_uri=stage_uri,
+                           data_fingerprint=stage_fp, nproc=max(1, cfg.pipeline.gpu_count), **kwargs)
             model = configure_task(task, cfg, "train", f"train-{i}-{stage.name}")
 
         results, indexes = {}, {}
         for label, trained in (("model", model.outputs["model"]), ("baseline", None)):
-            emb = embed_fanout(cfg, dataset, trained, label).outputs["embeddings"]
-            idx = indexes[label] = index_tasks(cfg, emb, label)
+            emb = embed_fanout(cfg, plan, label, model=trained).outputs["embeddings"]
+            idx = indexes[label] = index_tasks(cfg, emb, plan, label)
             results[label] = evaluate_task(cfg, emb, idx, label).outputs["results"]
         explain = explain_task(cfg, model.outputs["model"], indexes["model"])
         rep = c.report(config_yaml=stage_config_yaml(cfg, "report"), model_results=results["model"],

@@ -43,6 +43,26 @@ def _checkpoint(path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A local pipeline root (LGFF_PIPELINE_ROOT, as the pipelines set it); artifacts live at <root>/run/task/out."""
+    monkeypatch.setenv(pipeline_runtime.PIPELINE_ROOT_ENV, str(tmp_path / "root"))
+    return tmp_path / "root"
+
+
+def _out(root: Path, task: str, cls=Dataset):
+    return cls(uri=str(root / "run" / task / "out"))
+
+
+def _write_set(out: Path, rows=(3,), kind="embeddings", name="_manifest.json", **extra):
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for i, n in enumerate(rows):
+        (out / f"part-{i:05d}.parquet").write_bytes(b"x" * n)
+        shards.append({"name": f"part-{i:05d}.parquet", "num_rows": n, "sha256": f"{i:064x}"})
+    (out / name).write_text(json.dumps({"kind": kind, "num_rows": sum(rows), "shards": shards, **extra}))
+
+
 def test_train_chains_init_best_and_logs_last_epoch(tmp_path, calls):
     prev = _checkpoint(tmp_path / "prev")
 
@@ -55,10 +75,10 @@ def test_train_chains_init_best_and_logs_last_epoch(tmp_path, calls):
     calls.effects["train"] = fake_train
     model = Model(uri=str(tmp_path / "model"))
     metrics = Metrics(uri=str(tmp_path / "metrics"))
-    c.train.python_func(config_yaml="train: {epochs: 1}\n", stage_name="b", data=Dataset(uri=str(tmp_path / "d")),
-                        model=model, metrics=metrics, init=Model(uri=str(prev)))
+    c.train.python_func(config_yaml="train: {epochs: 1}\n", stage_name="b", data_uri="s3://b/d",
+                        data_fingerprint="f" * 64, model=model, metrics=metrics, nproc=2, init=Model(uri=str(prev)))
     (argv,) = calls
-    assert argv[0] == "train" and _arg(argv, "--data") == str(tmp_path / "d")
+    assert argv[0] == "train" and _arg(argv, "--data") == "s3://b/d" and _arg(argv, "--nproc") == "2"
     assert _arg(argv, "--init") == str(prev / "best")
     assert yaml.safe_load(Path(_arg(argv, "--config")).read_text()) == {"train": {"epochs": 1}}
     assert metrics.metadata == {"epoch": 1, "loss": 1.5, "val_recall_at_1": 0.75}
@@ -66,52 +86,85 @@ def test_train_chains_init_best_and_logs_last_epoch(tmp_path, calls):
     assert model.metadata["stage"] == "b" and len(model.metadata["digest"]) == 64
 
 
-def test_train_first_stage_has_no_init(tmp_path, calls):
+def test_train_first_stage_has_no_init_and_one_process(tmp_path, calls):
     calls.effects["train"] = lambda argv: _checkpoint(Path(_arg(argv, "--out")))
-    c.train.python_func(config_yaml="{}", stage_name="a", data=Dataset(uri=str(tmp_path / "d")),
+    c.train.python_func(config_yaml="{}", stage_name="a", data_uri=str(tmp_path / "d"), data_fingerprint="",
                         model=Model(uri=str(tmp_path / "m")), metrics=Metrics(uri=str(tmp_path / "x")))
-    assert "--init" not in calls[0]
+    assert "--init" not in calls[0] and "--nproc" not in calls[0]
 
 
-def test_embed_model_vs_baseline(tmp_path, calls):
+def test_embed_writes_bulk_and_a_pointer(root, tmp_path, calls):
     ckpt = _checkpoint(tmp_path / "run")
-    c.embed.python_func(config_yaml="{}", shard_index=1, num_shards=3, data=Dataset(uri=str(tmp_path / "d")),
-                        embeddings=Dataset(uri=str(tmp_path / "e1")), model=Model(uri=str(ckpt)))
-    emb = Dataset(uri=str(tmp_path / "e2"))
-    c.embed.python_func(config_yaml="{}", shard_index=0, num_shards=3, data=Dataset(uri=str(tmp_path / "d")),
-                        embeddings=emb)
-    model_argv, base_argv = calls
-    assert _arg(model_argv, "--shard") == "1/3" and _arg(model_argv, "--model") == str(ckpt / "best")
+    calls.effects["embed"] = lambda argv: _write_set(Path(_arg(argv, "--out")), rows=(4,), block=1)
+    block = {"block": 1.0, "dataset": "s3://b/d", "rows": 4, "units": []}
+    emb = _out(root, "embed")
+    c.embed.python_func(config_yaml="{}", block=block, embeddings=emb, model=Model(uri=str(ckpt)))
+    c.embed.python_func(config_yaml="{}", block=block, embeddings=_out(root, "embed-2"), model_uri=str(ckpt),
+                        model_fingerprint="abc")
+    base = _out(root, "embed-3")
+    c.embed.python_func(config_yaml="{}", block=block, embeddings=base)
+    model_argv, uri_argv, base_argv = calls
+    assert model_argv[:2] == ["embed", "block"] and _arg(model_argv, "--model") == str(ckpt / "best")
+    assert json.loads(Path(_arg(model_argv, "--block")).read_text())["block"] == 1.0
+    # bulk goes to <root>/.bulk/<artifact path>, outside the artifact; the artifact holds only the manifest
+    assert _arg(model_argv, "--out") == str(root / ".bulk" / "run" / "embed" / "out")
+    assert [p.name for p in Path(emb.path).iterdir()] == ["_manifest.json"]
+    pointer = json.loads((Path(emb.path) / "_manifest.json").read_text())
+    assert pointer["shards"][0]["name"] == str(root / ".bulk" / "run" / "embed" / "out" / "part-00000.parquet")
+    assert pointer["bulk"]["files"] == [{"uri": pointer["shards"][0]["name"], "size": 4, "sha256": "0" * 64}]
+    assert _arg(uri_argv, "--model") == str(ckpt / "best")
     assert "--baseline" in base_argv and "--model" not in base_argv
-    assert emb.metadata["model"] == "baseline"
+    assert emb.metadata["block"] == 1 and emb.metadata["num_rows"] == 4 and base.metadata["model"] == "baseline"
 
 
-def test_index_sharded_argv(tmp_path, calls):
-    c.index_add.python_func(shard_index=2, num_shards=4, trained=Artifact(uri=str(tmp_path / "t")),
-                            embeddings=Dataset(uri=str(tmp_path / "e")), partial=Artifact(uri=str(tmp_path / "p")))
-    parts = [Artifact(uri=str(tmp_path / f"p{i}")) for i in range(2)]
-    c.index_merge.python_func(trained=Artifact(uri=str(tmp_path / "t")), partials=parts,
-                              index=Artifact(uri=str(tmp_path / "i")))
-    add, merge = calls
-    assert add[:2] == ["index", "add"] and _arg(add, "--shard") == "2/4"
-    assert merge[merge.index("--partials") + 1:merge.index("--out")] == [str(tmp_path / "p0"), str(tmp_path / "p1")]
+def test_index_sharded_argv(root, calls):
+    def fake_index(argv):
+        out = Path(_arg(argv, "--out"))
+        out.mkdir(parents=True)
+        (out / "index.faiss").write_bytes(b"faiss")
+        (out / ("partial.json" if argv[1] == "add" else "index.json")).write_text(json.dumps({"ntotal": 3}))
+
+    calls.effects["index"] = fake_index
+    emb = _out(root, "collect")
+    _write_set(Path(emb.path), rows=(3, 3, 3, 3))
+    trained = _out(root, "train", Artifact)
+    c.index_train.python_func(config_yaml="{}", embeddings=emb, trained=trained)
+    parts = [_out(root, f"add-{i}", Artifact) for i in range(2)]
+    for i, part in enumerate(parts):
+        c.index_add.python_func(block={"block": float(i + 2)}, trained=trained, embeddings=emb, partial=part)
+    c.index_merge.python_func(trained=trained, partials=parts, index=_out(root, "merge", Artifact))
+    train, add, _, merge = calls
+    assert _arg(train, "--embeddings") == emb.path  # the manifest's local copy; shards are read by URI
+    assert add[:2] == ["index", "add"] and _arg(add, "--shard") == "2/4"  # one embeddings shard per block
+    assert _arg(add, "--trained") == str(root / ".bulk" / "run" / "train" / "out")
+    assert merge[merge.index("--partials") + 1:merge.index("--out")] == [
+        str(root / ".bulk" / "run" / f"add-{i}" / "out") for i in range(2)]
+    assert json.loads((Path(parts[0].path) / "partial.json").read_text())["bulk"]["files"][0]["size"] == 5
 
 
-def test_evaluate_logs_scalar_metrics(tmp_path, calls):
+def test_evaluate_logs_scalar_metrics(root, calls):
+    """Defect 1: the metrics are read from where the stage wrote them (not `open()` on an s3:// string)."""
     def fake_eval(argv):
         out = Path(_arg(argv, "--out"))
         out.mkdir(parents=True)
+        (out / "neighbors.parquet").write_bytes(b"n")
         (out / "metrics.json").write_text(json.dumps({"model": "baseline", "metrics": {"recall@1": 0.5, "map": 0.25,
                                                       "per_class": {"a": 1.0}}}))
 
     calls.effects["evaluate"] = fake_eval
-    metrics = Metrics(uri=str(tmp_path / "m"))
-    results = Dataset(uri=str(tmp_path / "r"))
-    c.evaluate.python_func(config_yaml="{}", label="baseline", embeddings=Dataset(uri=str(tmp_path / "e")),
-                           index=Artifact(uri=str(tmp_path / "i")), results=results, metrics=metrics)
+    index = _out(root, "index", Artifact)
+    Path(index.path).mkdir(parents=True)
+    (Path(index.path) / "index.json").write_text(json.dumps({"bulk": {"prefix": "/bulk/index", "files": []}}))
+    metrics = Metrics(uri=str(root / "run" / "evaluate" / "metrics"))
+    results = _out(root, "evaluate")
+    c.evaluate.python_func(config_yaml="{}", label="baseline", embeddings=_out(root, "collect"), index=index,
+                           results=results, metrics=metrics)
     assert calls[0][:2] == ["evaluate", "retrieval"] and _arg(calls[0], "--label") == "baseline"
+    assert _arg(calls[0], "--index") == "/bulk/index"
     assert metrics.metadata == {"recall@1": 0.5, "map": 0.25}
     assert Path(metrics.path).is_file() and results.metadata["label"] == "baseline"
+    local = json.loads((Path(results.path) / "metrics.json").read_text())  # what the report task reads
+    assert local["metrics"]["recall@1"] == 0.5 and local["bulk"]["files"][0]["uri"].endswith("neighbors.parquet")
 
 
 def test_report_copies_html_and_markdown(tmp_path, calls):
@@ -142,21 +195,24 @@ def test_run_cli_raises_on_nonzero_exit():
         pipeline_runtime.run_cli(["pipeline", "compile", "no-such-pipeline", "--out", "/dev/null"])
 
 
-def test_artifact_uri_direct_io(monkeypatch):
-    a = Dataset(uri="s3://bucket/run/embed/embeddings")
-    assert pipeline_runtime.artifact_uri(a) == "/s3/bucket/run/embed/embeddings"
-    monkeypatch.setenv(pipeline_runtime.DIRECT_IO_ENV, "1")
-    assert pipeline_runtime.artifact_uri(a) == "s3://bucket/run/embed/embeddings"
-    assert pipeline_runtime.artifact_uri(Dataset(uri="/local/x")) == "/local/x"
+def test_bulk_uri_is_outside_the_artifact(monkeypatch, tmp_path):
+    monkeypatch.setenv(pipeline_runtime.PIPELINE_ROOT_ENV, "s3://bucket/root")
+    a = Dataset(uri="s3://bucket/root/lgff-reindex/run-1/embed/embeddings")
+    assert pipeline_runtime.bulk_uri(a) == "s3://bucket/root/.bulk/lgff-reindex/run-1/embed/embeddings"
+    assert pipeline_runtime.bulk_uri(Dataset(uri="minio://bucket/root/p/r/t/o")) == "s3://bucket/root/.bulk/p/r/t/o"
+    # a root given at submit time (not the compiled one): the bucket is the root
+    assert pipeline_runtime.bulk_uri(Dataset(uri="s3://other/x/p/r/t/o")) == "s3://other/.bulk/x/p/r/t/o"
+    monkeypatch.delenv(pipeline_runtime.PIPELINE_ROOT_ENV)
+    local = Dataset(uri=str(tmp_path / "root" / "run-1" / "embed" / "embeddings"))
+    assert pipeline_runtime.bulk_uri(local) == str(tmp_path / "root" / ".bulk" / "run-1" / "embed" / "embeddings")
 
 
-def test_dataset_digest_follows_manifest(tmp_path):
-    (tmp_path / "_manifest.json").write_text(json.dumps({"shards": [{"name": "part-00000.parquet", "num_rows": 3},
-                                                                    {"name": "part-00001.parquet", "num_rows": 4}]}))
-    facts = pipeline_runtime.dataset_facts(str(tmp_path))
+def test_dataset_digest_follows_manifest():
+    manifest = {"shards": [{"name": "part-00000.parquet", "num_rows": 3}, {"name": "part-00001.parquet",
+                                                                            "num_rows": 4}]}
+    facts = pipeline_runtime.dataset_facts(manifest)
     assert facts["num_rows"] == 7 and facts["num_shards"] == 2
-    (tmp_path / "_manifest.json").write_text(json.dumps({"shards": [{"name": "part-00000.parquet", "num_rows": 3}]}))
-    assert pipeline_runtime.dataset_facts(str(tmp_path))["digest"] != facts["digest"]
+    assert pipeline_runtime.dataset_facts({"shards": manifest["shards"][:1]})["digest"] != facts["digest"]
 
 
 def test_components_install_nothing_at_run_time():

@@ -144,8 +144,13 @@ def test_cli_shards_to_separate_prefixes_then_collect(dataset, tmp_path):
     a, b = read_embeddings(out), read_embeddings(one)
     assert a.ids.tolist() == b.ids.tolist()
     np.testing.assert_array_equal(a.xb, b.xb)
-    assert json.loads(open(f"{out}/_manifest.json").read())["shards"] == \
+    collected = json.loads(open(f"{out}/_manifest.json").read())["shards"]
+    # collect copies nothing: it names each part's shard by absolute path, same rows and bytes as one job's
+    assert all(s["name"].startswith((parts[0] + "/", parts[1] + "/")) for s in collected)
+    assert {s["name"].rsplit("/", 1)[0] for s in collected} == set(parts)  # both jobs' shards, in place
+    assert [{**s, "name": s["name"].rsplit("/", 1)[-1]} for s in collected] == \
         json.loads(open(f"{one}/_manifest.json").read())["shards"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["_manifest.json"]
     # neither or both of --model / --baseline
     assert main(["-q", "embed", "--data", dataset, "--out", one]) == 2
 

@@ -12,16 +12,16 @@ from lgff_core.pipeline import LocalRunResult, TaskRecord
 
 
 def test_demo_config_defaults_and_user_overrides():
-    cfg = demo_config(None, ["pipeline.embed_shards=3", "train.epochs=1"], "runs/x/")
+    cfg = demo_config(None, ["pipeline.rows_per_task=3", "train.epochs=1"], "runs/x/")
     expected = "demo" if (CONFIG_DIR / "demo.yaml").is_file() else "lgffem_cpu"
     assert cfg.name == expected
     assert cfg.pipeline.source == DEMO_SOURCE
     assert cfg.pipeline.pipeline_root == "runs/x/pipeline-root"
-    assert cfg.pipeline.embed_shards == 3  # the user's --set wins over the demo defaults
+    assert cfg.pipeline.rows_per_task == 3  # the user's --set wins over the demo defaults
     assert cfg.train.epochs == 1
     assert cfg.data.shard_mb == DEMO_DEFAULTS["data.shard_mb"]
     explicit = demo_config("lgffem_cpu", [], "out")
-    assert explicit.name == "lgffem_cpu" and explicit.pipeline.embed_shards == 2
+    assert explicit.name == "lgffem_cpu" and explicit.pipeline.rows_per_task == 20000
 
 
 def _console():
@@ -67,8 +67,8 @@ def test_importer_tasks_are_told_apart_from_cache_hits():
                                        pipeline_spec_pb2.PipelineDeploymentConfig())
     kwargs = {"components": dict(spec.components), "executors": dict(deployment.executors)}
     tasks = spec.root.dag.tasks
-    assert _is_importer({**kwargs, "task_spec": tasks["importer"]})
+    assert not _is_importer({**kwargs, "task_spec": tasks["scan"]})  # sources are scanned, not imported
     assert not _is_importer({**kwargs, "task_spec": tasks["index-build"]})
     assert not _is_importer({})
     names = _display_names(func)
-    assert names["importer"] == "import-model" and names["embed"] == "embed-model"
+    assert names["scan"] == "scan" and names["embed"] == "embed-model"

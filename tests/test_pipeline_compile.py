@@ -41,37 +41,41 @@ def _all_tasks(spec: dict):
 @pytest.mark.parametrize("sharded", [False, True])
 def test_compiled_pipeline(name, sharded, tmp_path, monkeypatch):
     text, docs = _compile(name, tmp_path, monkeypatch, [f"pipeline.sharded_index={str(sharded).lower()}",
-                                                         "pipeline.embed_shards=3"])
+                                                         "pipeline.max_parallel=3", "pipeline.gpu_count=1"])
     spec, platform = docs[0], docs[1]
     assert FAKE_KEY_ID not in text and FAKE_SECRET not in text
 
-    # ParallelFor: the embed fan-out over 3 shard indices, at most pipeline.embed_parallelism at a time
+    # ParallelFor over the plan task's output (decided at run time), at most pipeline.max_parallel at a time
     loops = [t for _, t in _all_tasks(spec) if "parameterIterator" in t]
     assert loops, "no ParallelFor in the compiled IR"
     embed_loops = [t for t in loops if "embed" in t["taskInfo"]["name"]]
     assert embed_loops
-    for loop in embed_loops:
-        assert loop["iteratorPolicy"]["parallelismLimit"] == 2
-        assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2]"
+    for loop in loops:
+        assert loop["iteratorPolicy"]["parallelismLimit"] == 3
+        items = loop["parameterIterator"]["items"]
+        assert "raw" not in items and items["inputParameter"] == "pipelinechannel--plan-Output"
     assert len(loops) == len(embed_loops) * (2 if sharded else 1)
+    # the row budget per task is a run parameter: another value needs no recompile
+    assert spec["root"]["inputDefinitions"]["parameters"]["rows_per_task"]["defaultValue"] == 20000
     # the collect step consumes the loop's outputs as a list (dsl.Collected)
     parts = spec["components"]["comp-collect-embeddings"]["inputDefinitions"]["artifacts"]["parts"]
     assert parts["isArtifactList"] is True
 
-    # GPU stages request nvidia.com/gpu; CPU stages don't
+    # GPU stages request nvidia.com/gpu and run the GPU image; CPU stages don't
     gpu_prefixes = ["comp-embed"] + (["comp-train"] if name == "train_and_index" else [])
     for prefix in gpu_prefixes:
         for ex in _executors_for(spec, prefix):
             acc = ex["container"]["resources"]["accelerator"]
             assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == "1"
+            assert ex["container"]["image"] == "ghcr.io/lgff/lgff:0.1.0-cuda"
     for ex in _executors_for(spec, "comp-index") + _executors_for(spec, "comp-evaluate"):
         assert "accelerator" not in ex["container"].get("resources", {})
+        assert ex["container"]["image"] == "ghcr.io/lgff/lgff:0.1.0"
     # no run-time pip installs: the image already holds kfp + lgff_core
     containers = {k: ex for k, ex in spec["deploymentSpec"]["executors"].items() if "container" in ex}
     for ex in containers.values():
         cmd = " ".join(ex["container"]["command"])
         assert "pip install" not in cmd
-        assert ex["container"]["image"] == "ghcr.io/lgff/lgff:0.1.0"
 
     # platform spec: Secret by name on every task, node selector + toleration on GPU tasks
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -162,25 +166,31 @@ def test_cli_compile(tmp_path, capsys):
     from lgff_core.cli import main
 
     out = tmp_path / "p.yaml"
-    assert main(["pipeline", "compile", "reindex", "--config", "lgffem_cpu", "--set", "pipeline.embed_shards=4",
+    assert main(["pipeline", "compile", "reindex", "--config", "lgffem_cpu", "--set", "pipeline.rows_per_task=4",
                  "--out", str(out)]) == 0
     spec = yaml.safe_load_all(out.read_text()).__next__()
     assert spec["pipelineInfo"]["name"] == "lgff-reindex"
-    assert "[0, 1, 2, 3]" in out.read_text()
+    assert spec["root"]["inputDefinitions"]["parameters"]["rows_per_task"]["defaultValue"] == 4
+    assert main(["pipeline", "compile", "reindex", "--set", "pipeline.embed_shards=4", "--out", str(out)]) == 2
+    assert "embed_shards was removed" in capsys.readouterr().err
     assert main(["pipeline", "compile", "bogus", "--out", str(out)]) == 2
     assert "unknown pipeline" in capsys.readouterr().err
 
 
-def test_dataset_uri_source_is_imported_not_prepped(tmp_path):
+def test_dataset_uri_source_is_scanned_not_prepped(tmp_path):
     from lgff_core.cli import main
 
     out = tmp_path / "t.yaml"
     assert main(["pipeline", "compile", "train_and_index", "--arg", "source=s3://bucket/datasets/kimia",
                  "--out", str(out)]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
-    assert "comp-prep" not in spec["components"]
-    importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
-    assert importer["artifactUri"]["runtimeParameter"] == "uri"
+    assert "comp-prep" not in spec["components"] and "exec-importer" not in spec["deploymentSpec"]["executors"]
+    tasks = dict(_all_tasks(spec))
+    assert tasks["scan"]["cachingOptions"].get("enableCache", False) is False
+    plan_inputs = tasks["plan"]["inputs"]["parameters"]
+    assert plan_inputs["data_uri"]["componentInputParameter"] == "source"
+    assert plan_inputs["data_fingerprint"]["taskOutputParameter"] == {"producerTask": "scan",
+                                                                      "outputParameterKey": "data_fingerprint"}
     assert spec["root"]["inputDefinitions"]["parameters"]["source"]["defaultValue"] == "s3://bucket/datasets/kimia"
 
 

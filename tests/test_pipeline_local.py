@@ -15,14 +15,14 @@ from lgff_core.config import load_config  # noqa: E402
 from lgff_core.data.testing import make_imagefolder_tree  # noqa: E402
 from lgff_core.pipeline import PipelineError, run_local  # noqa: E402
 
-# tiny: 3 classes x 6 images per split, 64 px, C=16 x 1 layer, 1 epoch; shards of ~4 images so both embed jobs work
+# tiny: 3 classes x 6 images per split, 64 px, C=16 x 1 layer, 1 epoch; 9 shards of 6 images, planned into 2 blocks
 TINY = [
     "train.epochs=1", "train.image_size=64", "train.batch_size=8", "train.device=cpu",
     "model.channels=16", "model.num_layers=1", "loss.num_subcenters=1",
     "embed.batch_size=32", "embed.bf16=false", "embed.channels_last=false",
-    "data.shard_mb=0.02", "pipeline.embed_shards=2", "pipeline.retries=0",
+    "data.shard_mb=0.02", "pipeline.rows_per_task=30", "pipeline.retries=0",
 ]
-STAGES = {"prep", "train-0-stage", "embed-model", "embed-baseline", "collect-embeddings-model",
+STAGES = {"prep", "plan", "train-0-stage", "embed-model", "embed-baseline", "collect-embeddings-model",
           "collect-embeddings-baseline", "index-build-model", "index-build-baseline", "evaluate-model",
           "evaluate-baseline", "explain", "report"}
 
@@ -58,7 +58,13 @@ def test_train_and_index_runs_locally_then_hits_cache(tmp_path, source):
         assert 0.0 <= m["recall@1"] <= 1.0 and m["n_queries"] == 18  # 18 test images queried against train
     collected = [t for t in first.tasks if t.display_name == "collect-embeddings-model"][0]
     manifest = json.loads((Path(collected.outputs["embeddings"]) / "_manifest.json").read_text())
-    assert manifest["num_rows"] == 54  # both shard jobs' outputs joined: every image embedded once
+    assert manifest["num_rows"] == 54  # both block outputs named: every image embedded once
+    # pointer layout (DESIGN.md section 7): the artifact holds only the manifest; the shards it names by absolute
+    # path live under <root>/.bulk/, outside every artifact's directory
+    assert [p.name for p in Path(collected.outputs["embeddings"]).iterdir()] == ["_manifest.json"]
+    assert len(manifest["shards"]) == 2
+    for shard in manifest["shards"]:
+        assert shard["name"].startswith(str(root / ".bulk") + "/") and Path(shard["name"]).is_file()
 
     second = run_local("train_and_index", cfg, pipeline_root=str(root), arguments={"source": source})
     assert [t.status for t in second.tasks] == ["cached"] * len(first.tasks)

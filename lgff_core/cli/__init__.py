@@ -13,8 +13,8 @@ import sys
 from ..errors import LGFFError
 
 # sub-command modules, in the order they appear in --help
-COMMAND_MODULES = ("models", "prep", "data", "train", "embed", "index", "evaluate", "report", "search", "explain", "serve",
-                   "pipeline", "demo")
+COMMAND_MODULES = ("models", "prep", "data", "train", "plan", "embed", "index", "evaluate", "report", "search",
+                   "explain", "serve", "pipeline", "demo")
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False, default: str | None = None) -> None:

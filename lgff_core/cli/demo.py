@@ -20,7 +20,7 @@ from ..config import ConfigError, load_config, parse_set_args, resolve_config_pa
 DEMO_SOURCE = "samples:histolytics-nuclei"
 # demo-sized settings applied before the user's --set (which win): small shards so the embed fan-out has work for
 # both shard jobs
-DEMO_DEFAULTS = {"data.shard_mb": 2.0, "pipeline.embed_shards": 2, "pipeline.sharded_index": False}
+DEMO_DEFAULTS = {"data.shard_mb": 2.0, "pipeline.sharded_index": False}
 # only when the `demo` preset is missing: keep the lgffem_cpu fallback inside the 15-minute / 2-core budget
 FALLBACK_DEFAULTS = {"train.epochs": 3, "train.image_size": 64, "embed.image_size": 64, "train.feature_cache": "auto"}
 

@@ -3,7 +3,8 @@
   lgff embed --model CHECKPOINT_URI --data DATA --out EMB [--shard I/N]     one output shard per input shard
   lgff embed --baseline [gem-last] --data DATA --out EMB                    frozen backbone + GeM, no checkpoint
   lgff embed finalize --data DATA --out EMB                                 publish the manifest (all shards done)
-  lgff embed collect PART_URI... --out EMB                                  join --shard outputs from N prefixes
+  lgff embed block --block BLOCK.json (--model M | --baseline) --out EMB    one work block of `lgff plan`
+  lgff embed collect PART_URI... --out EMB                                  one manifest naming the parts' shards
 
 Shards already embedded (same input shard, same model and settings) are skipped, so a killed run resumes.
 With --shard I/N writing to one --out, the job that completes the last shard publishes the manifest.
@@ -28,10 +29,11 @@ def register(subparsers) -> None:
     p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
                    help="embed only the contiguous block I of N of the input shards")
     p.add_argument("--weights", help="override model.backbone.weights for --baseline (e.g. none)")
+    p.add_argument("--block", help="with `block`: a block from `lgff plan` (JSON file / URI, or the JSON itself)")
     add_config_args(p)
     p.set_defaults(func=_embed)
     # `finalize` / `collect` are positional actions; plain `lgff embed --data ...` stays the main form
-    p.add_argument("action", nargs="?", choices=("finalize", "collect"), help=argparse.SUPPRESS)
+    p.add_argument("action", nargs="?", choices=("finalize", "collect", "block"), help=argparse.SUPPRESS)
     p.add_argument("parts", nargs="*", help=argparse.SUPPRESS)
 
 
@@ -46,6 +48,8 @@ def _embed(args) -> int:
         m = collect_embeddings(args.parts, args.out)
         print(f"collected {len(m['shards'])} shards, {m['num_rows']} embeddings -> {args.out}")
         return 0
+    if args.action == "block":
+        return _embed_block(args)
     if not args.data or not args.out:
         raise LGFFError("--data and --out are required")
     if args.action == "finalize":
@@ -78,4 +82,24 @@ def _embed(args) -> int:
           f"skipped {len(summary['skipped'])} already done; "
           + ("manifest published" if summary["published"] else "manifest not yet published (shards missing)")
           + f" -> {args.out}")
+    return 0
+
+
+def _embed_block(args) -> int:
+    from tqdm import tqdm
+
+    from ..embed import embed_block
+    from ..errors import LGFFError
+    from ..plan import read_block
+
+    if not args.block or not args.out:
+        raise LGFFError("usage: lgff embed block --block BLOCK.json (--model URI | --baseline) --out URI")
+    if bool(args.model) == bool(args.baseline):
+        raise LGFFError("give exactly one of --model CHECKPOINT_URI or --baseline gem-last")
+    block = read_block(args.block)
+    cfg = load_args_config(args)
+    with tqdm(total=block.get("rows"), unit="img", desc=f"embed block {block['block']}", file=sys.stderr,
+              disable=None) as bar:
+        m = embed_block(block, args.out, cfg, args.model, args.baseline, progress=bar.update)
+    print(f"{m['model']}: block {block['block']}: {m['num_rows']} embeddings -> {args.out}")
     return 0

@@ -48,6 +48,7 @@ class ShardedImageDataset(IterableDataset):
         seed: int = 0,
         shards: Optional[Sequence[int]] = None,
         decode: bool = True,
+        units: Optional[Sequence[tuple[int, int]]] = None,
     ):
         self.uri = str(uri).rstrip("/")
         self.manifest: Manifest = read_manifest(self.uri)
@@ -67,6 +68,13 @@ class ShardedImageDataset(IterableDataset):
             for gi, n in enumerate(self.manifest.shards[si].row_groups):
                 self.units.append((si, gi, start))
                 start += n
+        if units is not None:  # only these (shard index, row group) units: one work block of the pipelines' plan
+            wanted = {(int(si), int(gi)) for si, gi in units}
+            self.units = [u for u in self.units if (u[0], u[1]) in wanted]
+            self.shard_indices = sorted({si for si, _ in wanted})
+            self._block_rows = sum(self.manifest.shards[si].row_groups[gi] for si, gi in wanted)
+        else:
+            self._block_rows = None
         self.label_names = list(self.manifest.label_names)
 
     @property
@@ -77,6 +85,8 @@ class ShardedImageDataset(IterableDataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
+        if self._block_rows is not None and self.split is None:
+            return self._block_rows
         total = 0
         for si in self.shard_indices:
             info = self.manifest.shards[si]

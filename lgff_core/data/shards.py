@@ -159,7 +159,9 @@ class Manifest:
         return len(self.shards)
 
     def shard_uri(self, index: int) -> str:
-        return storage.join(self.uri, self.shards[index].name)
+        """Where shard `index` is: its name joined to the dataset prefix, or the absolute URI a pointer manifest
+        lists (a pipeline artifact whose bulk shards live under ``<pipeline_root>/.bulk/``)."""
+        return storage.resolve(self.uri, self.shards[index].name)
 
     def shard_offsets(self) -> list[int]:
         """Global row index of each shard's first row (plus the total at the end)."""

@@ -1,0 +1,44 @@
+"""scan and plan: content fingerprints of imported sources (`lgff scan`) and the run-time fan-out (`lgff plan`)."""
+from typing import NamedTuple
+
+from kfp import dsl
+
+from ._image import LGFF_IMAGE
+
+
+@dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
+def scan(data_uri: str, model_uri: str = "") -> NamedTuple("Outputs", [("data_fingerprint", str),
+                                                                       ("model_fingerprint", str)]):
+    """Fingerprint the sources imported by URI; the pipelines run this task with caching off and pass the
+    fingerprints as parameters to the tasks that read the sources, so their cache keys follow the bytes."""
+    import json
+    import os
+    import tempfile
+    from collections import namedtuple
+
+    from lgff_core.pipeline_runtime import run_cli
+
+    uris = [u for u in (data_uri, model_uri) if u]
+    out = os.path.join(tempfile.mkdtemp(prefix="lgff-scan-"), "scan.json")
+    run_cli(["scan", *uris, "--out", out])
+    with open(out) as f:
+        facts = json.load(f)
+    fp = {u: facts[u]["fingerprint"] for u in uris}
+    return namedtuple("Outputs", ["data_fingerprint", "model_fingerprint"])(fp[data_uri], fp.get(model_uri, ""))
+
+
+@dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
+def plan(data_uri: str, data_fingerprint: str, rows_per_task: int) -> list:
+    """Work blocks of about ``rows_per_task`` rows of the dataset (the items of the embed / index-add ParallelFor;
+    a single output, the form kfp.local can iterate over). ``data_fingerprint`` only enters the cache key: a
+    changed dataset is planned again."""
+    import json
+    import os
+    import tempfile
+
+    from lgff_core.pipeline_runtime import run_cli
+
+    out = os.path.join(tempfile.mkdtemp(prefix="lgff-plan-"), "blocks.json")
+    run_cli(["plan", "--data", data_uri, "--rows-per-task", rows_per_task, "--out", out])
+    with open(out) as f:
+        return json.load(f)

@@ -1,0 +1,54 @@
+"""`lgff plan` / `lgff scan`: the run-time fan-out and the content fingerprints of the pipelines (lgff_core.plan).
+
+  lgff plan --data DATA [--rows-per-task N] [--out BLOCKS.json]   work blocks of about N rows (JSON list)
+  lgff scan URI... [--out FINGERPRINTS.json]                      content fingerprint of each imported source
+
+A block is what one embed (and index add) task processes: `lgff embed block --block BLOCK.json ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import add_config_args, load_args_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="split a dataset into work blocks for the embed fan-out",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset URI")
+    p.add_argument("--rows-per-task", type=int, help="rows per block (default: config pipeline.rows_per_task)")
+    p.add_argument("--out", help="write the blocks as a JSON list to this file / URI")
+    add_config_args(p)
+    p.set_defaults(func=_plan)
+
+    s = subparsers.add_parser("scan", help="content fingerprint of sources imported by URI (dataset, model)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("uris", nargs="+", metavar="URI")
+    s.add_argument("--out", help="write {uri: fingerprint facts} as JSON to this file / URI")
+    s.set_defaults(func=_scan)
+
+
+def _plan(args) -> int:
+    from .. import storage
+    from ..plan import plan_blocks
+
+    rows = args.rows_per_task if args.rows_per_task is not None else load_args_config(args).pipeline.rows_per_task
+    blocks = plan_blocks(args.data, rows)
+    if args.out:
+        storage.write_text(args.out, json.dumps(blocks, indent=1, sort_keys=True))
+    total = sum(b["rows"] for b in blocks)
+    print(f"{total} rows -> {len(blocks)} block(s) of about {rows} rows" + (f" -> {args.out}" if args.out else ""))
+    return 0
+
+
+def _scan(args) -> int:
+    from .. import storage
+    from ..plan import fingerprint_source
+
+    facts = {uri: fingerprint_source(uri) for uri in args.uris}
+    if args.out:
+        storage.write_text(args.out, json.dumps(facts, indent=1, sort_keys=True))
+    for uri, f in facts.items():
+        print(f"{f['fingerprint'][:16]}  {f['kind']:<10s} {uri}")
+    return 0

@@ -1,0 +1,125 @@
+"""Run-time fan-out and content fingerprints for the pipelines (DESIGN.md section 7).
+
+`plan_blocks` reads a dataset manifest and splits it into work blocks of about ``rows_per_task`` rows: whole shards
+are grouped while they fit, a shard larger than that is split at Parquet row-group boundaries (the manifest lists
+each shard's row-group sizes, so no shard is opened). A block is a small JSON object, the item of the pipelines'
+``ParallelFor``: it names the dataset, and for each shard it covers the shard's name, sha256 and row-group range,
+so an embed task's cache key follows the bytes it reads, and a block over unchanged shards stays a cache hit when
+other shards are added.
+
+`fingerprint_source` is what the non-cached ``scan`` task computes for a source imported by URI: the sha256 of its
+manifest (a dataset or embeddings set: the manifest lists every shard's sha256), or, for anything else (a model
+checkpoint, raw files), the sha256 over its files' relative keys, sizes and modification times. Same bytes ->
+same fingerprint -> cache hits downstream; a new shard -> a new fingerprint -> the readers rerun.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from . import storage
+from .errors import DataError
+
+__all__ = ["plan_blocks", "fingerprint_source", "read_block"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_manifest.json"
+
+
+def plan_blocks(data_uri: str, rows_per_task: int) -> list[dict[str, Any]]:
+    """Work blocks of about `rows_per_task` rows over the dataset at `data_uri` (every row in exactly one block,
+    in dataset order). Each block: ``{"block", "dataset", "rows", "units": [{"shard", "sha256", "row_groups":
+    [first, stop], "rows"}]}``."""
+    from .data.shards import read_manifest
+
+    if rows_per_task <= 0:
+        raise DataError(f"rows_per_task must be > 0, got {rows_per_task}")
+    manifest = read_manifest(data_uri)
+    dataset = str(data_uri).rstrip("/")
+    blocks: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
+    current_rows = 0
+
+    def close() -> None:
+        nonlocal current, current_rows
+        if current:
+            blocks.append({"block": len(blocks), "dataset": dataset, "rows": current_rows, "units": current})
+        current, current_rows = [], 0
+
+    for info in manifest.shards:
+        if info.num_rows == 0:
+            continue  # every block has rows: one embeddings shard per block (index add relies on it)
+        groups = list(info.row_groups) or [info.num_rows]
+        if info.num_rows > rows_per_task and len(groups) > 1:
+            # a large shard: its own blocks, cut at row groups near every `rows_per_task` rows
+            close()
+            start, rows = 0, 0
+            for gi, n in enumerate(groups):
+                rows += n
+                if rows >= rows_per_task or gi == len(groups) - 1:
+                    current = [{"shard": info.name, "sha256": info.sha256, "row_groups": [start, gi + 1],
+                                "rows": rows}]
+                    current_rows = rows
+                    close()
+                    start, rows = gi + 1, 0
+            continue
+        if current and current_rows + info.num_rows > rows_per_task:
+            close()
+        current.append({"shard": info.name, "sha256": info.sha256, "row_groups": [0, len(groups)],
+                        "rows": info.num_rows})
+        current_rows += info.num_rows
+    close()
+    log.info("%s: %d rows in %d shards -> %d block(s) of about %d rows", dataset, manifest.num_rows,
+             manifest.num_shards, len(blocks), rows_per_task)
+    return blocks
+
+
+def read_block(text_or_uri: str) -> dict[str, Any]:
+    """A block from its JSON text or a JSON file / URI holding it (what `lgff embed block --block` takes)."""
+    text = text_or_uri if text_or_uri.lstrip().startswith("{") else storage.read_text(text_or_uri)
+    try:
+        block = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--block: not valid JSON ({exc})") from None
+    missing = [k for k in ("block", "dataset", "units") if not isinstance(block, dict) or k not in block]
+    if missing:
+        raise DataError(f"--block: missing key(s) {', '.join(missing)} (write blocks with `lgff plan`)")
+    return block
+
+
+def _file_listing_digest(uri: str) -> tuple[str, int, int]:
+    fs, path = storage.get_filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    h = hashlib.sha256()
+    count = total = 0
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        rel = info.path[len(path):].lstrip("/")
+        mtime = info.mtime_ns if info.mtime_ns is not None else 0
+        h.update(f"{rel}\0{info.size}\0{mtime}\n".encode())
+        count += 1
+        total += int(info.size or 0)
+    return h.hexdigest(), count, total
+
+
+def fingerprint_source(uri: str) -> dict[str, Any]:
+    """``{"uri", "kind", "fingerprint", ...}`` of a source imported by URI (see the module docstring)."""
+    uri = str(uri).rstrip("/")
+    manifest_uri = storage.join(uri, MANIFEST_NAME)
+    if storage.exists(manifest_uri):
+        raw = storage.read_bytes(manifest_uri)
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{manifest_uri}: not valid JSON ({exc})") from None
+        return {"uri": uri, "kind": manifest.get("kind") or "dataset", "fingerprint": hashlib.sha256(raw).hexdigest(),
+                "num_rows": sum(int(s.get("num_rows", 0)) for s in manifest.get("shards", [])),
+                "num_shards": len(manifest.get("shards", []))}
+    digest, count, total = _file_listing_digest(uri)
+    if count == 0:
+        raise DataError(f"{uri}: nothing there to import (no files)")
+    return {"uri": uri, "kind": "files", "fingerprint": digest, "num_files": count, "bytes": total}

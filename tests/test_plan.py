@@ -1,0 +1,94 @@
+"""The run-time fan-out (`lgff_core.plan.plan_blocks`, `lgff plan`) and the scan fingerprints (`lgff scan`)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lgff_core.cli import main
+from lgff_core.data.shards import Manifest, ShardInfo, shard_name, write_manifest
+from lgff_core.errors import DataError
+from lgff_core.plan import fingerprint_source, plan_blocks, read_block
+
+
+def _manifest(uri, shard_groups):
+    """A dataset manifest (the plan reads nothing else) with one shard per entry of row-group sizes."""
+    shards = [ShardInfo(name=shard_name(i), num_rows=sum(g), sha256=f"{i:064x}", bytes=100, row_groups=list(g))
+              for i, g in enumerate(shard_groups)]
+    write_manifest(Manifest(uri=str(uri), shards=shards, label_names=["a", "b"]))
+    return str(uri)
+
+
+def _covered(blocks):
+    return [(u["shard"], g) for b in blocks for u in b["units"] for g in range(*u["row_groups"])]
+
+
+def test_five_shards_five_blocks_then_three_when_rows_per_task_grows(tmp_path):
+    data = _manifest(tmp_path / "ds", [[4]] * 5)
+    five = plan_blocks(data, 4)
+    assert [b["block"] for b in five] == [0, 1, 2, 3, 4] and [b["rows"] for b in five] == [4] * 5
+    three = plan_blocks(data, 8)
+    assert [b["rows"] for b in three] == [8, 8, 4]
+    assert [[u["shard"] for u in b["units"]] for b in three] == [
+        ["part-00000.parquet", "part-00001.parquet"], ["part-00002.parquet", "part-00003.parquet"],
+        ["part-00004.parquet"]]
+    assert _covered(five) == _covered(three)  # every row group in exactly one block, in dataset order
+    assert all(b["dataset"] == data for b in three)
+    assert three[0]["units"][0]["sha256"] == f"{0:064x}"  # content enters the block (the embed cache key)
+
+
+def test_large_shard_is_split_at_row_groups(tmp_path):
+    data = _manifest(tmp_path / "ds", [[3], [5, 5, 5, 5, 2], [2]])
+    blocks = plan_blocks(data, 10)
+    assert [b["rows"] for b in blocks] == [3, 10, 10, 2, 2]  # the big shard's tail is a block of its own
+    assert [u["row_groups"] for b in blocks[1:4] for u in b["units"]] == [[0, 2], [2, 4], [4, 5]]
+    assert sum(b["rows"] for b in blocks) == 27 and len(_covered(blocks)) == 7
+
+
+def test_appending_a_shard_keeps_earlier_blocks(tmp_path):
+    before = plan_blocks(_manifest(tmp_path / "ds", [[4]] * 4), 4)
+    after = plan_blocks(_manifest(tmp_path / "ds", [[4]] * 5), 4)
+    assert after[:4] == before and len(after) == 5  # unchanged blocks keep their parameters -> cache hits
+
+
+def test_plan_cli_and_errors(tmp_path, capsys):
+    data = _manifest(tmp_path / "ds", [[4]] * 5)
+    out = tmp_path / "blocks.json"
+    assert main(["plan", "--data", data, "--rows-per-task", "8", "--out", str(out)]) == 0
+    blocks = json.loads(out.read_text())
+    assert len(blocks) == 3 and "20 rows -> 3 block(s)" in capsys.readouterr().out
+    assert read_block(json.dumps(blocks[1])) == blocks[1]
+    assert main(["plan", "--data", data, "--set", "pipeline.rows_per_task=4"]) == 0
+    assert "5 block(s)" in capsys.readouterr().out
+    assert main(["plan", "--data", str(tmp_path / "nothing")]) == 2
+    assert "not a dataset" in capsys.readouterr().err
+    with pytest.raises(DataError, match="missing key"):
+        read_block('{"block": 0}')
+
+
+def test_scan_fingerprint_follows_content(tmp_path, capsys):
+    data = _manifest(tmp_path / "ds", [[4]] * 4)
+    first = fingerprint_source(data)
+    assert fingerprint_source(data) == first and first["num_shards"] == 4
+    _manifest(tmp_path / "ds", [[4]] * 5)  # a new shard, manifest republished
+    assert fingerprint_source(data)["fingerprint"] != first["fingerprint"]
+    model = tmp_path / "model" / "best"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"w1")
+    fp = fingerprint_source(str(tmp_path / "model"))
+    assert fp["kind"] == "files" and fp["num_files"] == 1
+    (model / "model.safetensors").write_bytes(b"w2-longer")
+    assert fingerprint_source(str(tmp_path / "model"))["fingerprint"] != fp["fingerprint"]
+    assert main(["scan", data, "--out", str(tmp_path / "scan.json")]) == 0
+    assert json.loads((tmp_path / "scan.json").read_text())[data]["kind"] == "images"
+    assert main(["scan", str(tmp_path / "empty")]) == 2
+    assert "nothing there" in capsys.readouterr().err
+
+
+def test_removed_pipeline_keys_name_the_replacement():
+    from lgff_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="embed_shards was removed.*rows_per_task"):
+        load_config("lgffem_cpu", ["pipeline.embed_shards=3"])
+    with pytest.raises(ConfigError, match="renamed to pipeline.max_parallel"):
+        load_config(None, {"pipeline.embed_parallelism": 2})
