@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", help="dataset URI (Parquet shards + _manifest.json); optional when the stage sets data")
     p.add_argument("--out", required=True, help="output URI: last/, best/, metrics.jsonl")
     p.add_argument("--stage", type=int, default=0, help="strategy stage index (default 0)")
-    p.add_argument("--init", metavar="CHECKPOINT_URI", help="previous stage's checkpoint (e.g. RUN/best)")
+    p.add_argument("--init", metavar="CHECKPOINT_URI", help="previous stage's checkpoint, or its training output directory (uses its best/)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint under --out")
     p.add_argument("--feature-cache", metavar="URI", help="cache frozen-backbone features here and train from them")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
