@@ -1,4 +1,4 @@
-"""Run, compile, submit and schedule the kfp pipelines (``pipelines/``) built from an `LGFFConfig`.
+"""Run, compile, submit and schedule the registered kfp pipelines (`pipelines/` registers its own) for a config.
 
 Local path (the embedded default, DESIGN.md section 6): `run_local` executes the pipeline with ``kfp.local`` and the
 ``SubprocessRunner(use_venv=False)``: every task is a subprocess of this venv's Python running the component body,
@@ -42,6 +42,8 @@ __all__ = [
     "TaskRecord",
     "LocalRunResult",
     "pipeline_names",
+    "register_pipeline",
+    "registered_pipelines",
     "build",
     "run_local",
     "compile_pipeline",
@@ -98,19 +100,46 @@ class LocalRunResult:
         }
 
 
-def pipeline_names() -> list[str]:
-    from pipelines import PIPELINES
+# Pipeline registry. lgff_core is the layer below `pipelines/` and never imports it: pipeline definitions register
+# themselves, either as entry points of the group below (`pyproject.toml`, found once the project is installed) or
+# by calling `register_pipeline` (the `pipelines` package does so when imported).
+ENTRY_POINT_GROUP = "lgff.pipelines"
+_REGISTRY: dict[str, Callable[[LGFFConfig], Any]] = {}
 
-    return sorted(PIPELINES)
+
+def register_pipeline(name: str, builder: Callable[[LGFFConfig], Any]) -> None:
+    """Make `builder(cfg) -> kfp pipeline function` available as `lgff pipeline ... name`."""
+    _REGISTRY[name] = builder
+
+
+def registered_pipelines() -> dict[str, Callable[[LGFFConfig], Any]]:
+    """Every registered pipeline builder: those registered in-process, then the `lgff.pipelines` entry points."""
+    from importlib.metadata import entry_points
+
+    found = dict(_REGISTRY)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in found:
+            found[ep.name] = ep
+    return found
+
+
+def pipeline_names() -> list[str]:
+    return sorted(registered_pipelines())
 
 
 def build(name: str, cfg: LGFFConfig):
     """The kfp pipeline function `name` built for `cfg`."""
-    from pipelines import PIPELINES
+    from importlib.metadata import EntryPoint
 
-    if name not in PIPELINES:
-        raise PipelineError(f"unknown pipeline {name!r}; pipelines: {', '.join(sorted(PIPELINES))}")
-    return PIPELINES[name](cfg)
+    found = registered_pipelines()
+    if name not in found:
+        known = ", ".join(sorted(found)) or (f"none registered (entry point group {ENTRY_POINT_GROUP!r}: "
+                                             "install the project, e.g. `pip install -e .`)")
+        raise PipelineError(f"unknown pipeline {name!r}; pipelines: {known}")
+    builder = found[name]
+    if isinstance(builder, EntryPoint):
+        builder = builder.load()
+    return builder(cfg)
 
 
 # ----------------------------------------------------------------------------------------------- local run

@@ -6,6 +6,12 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def pytest_configure(config):
+    # the pipeline definitions register with lgff_core when imported; an installed project also registers them as
+    # `lgff.pipelines` entry points, but a development venv's install metadata may predate a new pipeline
+    import pipelines  # noqa: F401
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     try:
