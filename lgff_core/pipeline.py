@@ -123,6 +123,41 @@ def registered_pipelines() -> dict[str, Callable[[LGFFConfig], Any]]:
     return found
 
 
+PREP_SOURCES = ("samples:", "imagefolder:")
+
+
+def is_prep_source(source: str) -> bool:
+    """A source the pipeline builds with its prep task (``samples:NAME``, ``imagefolder:DIR``), not a dataset URI."""
+    return str(source).startswith(PREP_SOURCES)
+
+
+def check_datasets(cfg: LGFFConfig, arguments: Optional[dict[str, Any]] = None) -> None:
+    """Before a run: every dataset URI the run imports (strategy stages, pipeline source) must be a dataset (hold a
+    `_manifest.json`); otherwise a `PipelineError` names the missing URI and where the config sets it."""
+    from . import storage
+
+    wanted = [(f"strategy[{i}].data ({s.name})", s.data) for i, s in enumerate(cfg.strategy) if s.data]
+    source = (arguments or {}).get("source", cfg.pipeline.source)
+    wanted.append(("source" if arguments and "source" in arguments else "pipeline.source", source))
+    for where, uri in wanted:
+        if not uri or is_prep_source(uri):
+            continue
+        manifest = storage.join(str(uri), "_manifest.json")
+        try:
+            found = storage.exists(manifest)
+        except LGFFError as exc:
+            raise PipelineError(f"dataset {uri} ({where}) cannot be read: {exc}") from None
+        if not found:
+            raise PipelineError(f"dataset {uri} ({where}) is missing: no {manifest}; prep it first "
+                                "(`lgff prep ... --out URI`) or point the config at it")
+
+
+def _parameters(func) -> set[str]:
+    """Parameter names of a kfp pipeline function (its component spec's inputs)."""
+    spec = getattr(func, "component_spec", None)
+    return set((spec.inputs or {}).keys()) if spec is not None else set()
+
+
 def pipeline_names() -> list[str]:
     return sorted(registered_pipelines())
 
@@ -281,8 +316,10 @@ def run_local(
     if "://" in root or (pipeline_root or cfg.pipeline.pipeline_root).startswith(("s3://", "gs://")):
         raise PipelineError(f"local runs need a local pipeline root, got {pipeline_root or cfg.pipeline.pipeline_root!r}"
                             " (use --root DIR; s3:// roots are for cluster runs)")
-    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     func = build(name, cfg)
+    if "source" in _parameters(func):  # a training pipeline: fail at once on missing data, before any task runs
+        check_datasets(cfg, arguments)
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log_path = os.path.join(root, "logs", f"{name}-{stamp}.log")
     records: list[TaskRecord] = []

@@ -8,6 +8,7 @@ from kfp.dsl import HTML, Dataset, Markdown, Model
 
 import components as c
 from lgff_core.config import LGFFConfig
+from lgff_core.pipeline import is_prep_source
 from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
 
 from ._wiring import configure_task, pipeline_root_for
@@ -63,7 +64,7 @@ def evaluate_task(cfg: LGFFConfig, embeddings, index, label: str) -> dsl.Pipelin
 def build_pipeline(cfg: LGFFConfig):
     """The kfp pipeline function for `cfg` (compile with kfp.compiler or call under kfp.local)."""
     source_default = cfg.pipeline.source
-    source_is_uri = not source_default.startswith(("samples:", "imagefolder:"))
+    source_is_uri = not is_prep_source(source_default)
     Outputs = NamedTuple("Outputs", [("model", Model), ("report", HTML), ("report_md", Markdown)])
 
     @dsl.pipeline(name=NAME, description="LGFF: train, embed (model + GeM baseline), index, evaluate, report",
@@ -75,10 +76,11 @@ def build_pipeline(cfg: LGFFConfig):
         model = None
         for i, stage in enumerate(cfg.strategy):
             stage_data = dataset
-            if stage.data:
-                imp = dsl.importer(artifact_uri=stage.data, artifact_class=Dataset, reimport=False)
-                imp.set_display_name(f"import-{stage.name}")
-                stage_data = imp.outputs["artifact"]
+            if stage.data:  # the stage's own dataset: prepped (samples: / imagefolder:) or imported
+                stage_is_uri = not is_prep_source(stage.data)
+                stage_task = dataset_task(cfg, stage.data, stage_is_uri)
+                stage_task.set_display_name(f"{'import' if stage_is_uri else 'prep'}-{stage.name}")
+                stage_data = stage_task.outputs["artifact" if stage_is_uri else "dataset"]
             kwargs = {"init": model.outputs["model"]} if model is not None else {}
             task = c.train(config_yaml=train_stage_config_yaml(cfg, i), stage_name=stage.name, data=stage_data,
                            **kwargs)
