@@ -13,6 +13,14 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def _fixed_terminal_width(monkeypatch):
+    # rich sizes tables and wraps lines to COLUMNS: CLI output asserted in tests must not depend on the terminal
+    # the suite runs in (80 columns wraps a long temporary path in the middle of a message)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("LINES", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _seed_torch():
     try:
         import torch
