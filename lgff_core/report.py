@@ -298,8 +298,8 @@ def _retrieval_table(runs: list[Run], baseline: Optional[Run]):
             [_cell(r, k) for k, _ in keys] + [str(r.data.get("n_queries", "-")), str(r.data.get("database_size", "-"))])
     if baseline is not None:
         for r in others:
-            table[f"Δ {r.name}"] = ([_delta(r.data["metrics"].get(k), baseline.data["metrics"].get(k)) for k, _ in keys]
-                                    + ["", ""])
+            base = baseline.data["metrics"]
+            table[f"Δ {r.name}"] = [_delta(r.data["metrics"].get(k), base.get(k)) for k, _ in keys] + ["", ""]
     return table
 
 
