@@ -65,6 +65,17 @@ def scores(xq, yq, xb, yb) -> dict:
     num_relevant = np.array([(yb == y).sum() for y in yq])
     out = {f"R@{k}": round(metrics.recall_at_k(yq, ranked, k), 4) for k in (1, 5, 10)}
     out["mAP"] = round(metrics.mean_average_precision(ranked == yq[:, None], num_relevant), 4)
+    out["P@10"] = round(metrics.precision_at_k(yq, ranked, 10), 4)
+    out["mMV@5"] = round(metrics.majority_vote_at_k(yq, ranked, 5), 4)
+    # Recall@k of a random ranking (depends only on class prevalence in the database): the floor Recall@5/10 sit on
+    n_db = len(yb)
+    out["R@10_chance"] = round(float(np.mean([1 - np.prod([(n_db - r - i) / (n_db - i) for i in range(10)])
+                                              for r in num_relevant])), 4)
+    # misses at 10 whose ten neighbours all share one (wrong) label: the query sits inside another class's cluster
+    miss = ~(ranked[:, :10] == yq[:, None]).any(axis=1)
+    pure = np.array([len(set(row.tolist())) == 1 for row in ranked[:, :10]])
+    out["miss@10_in_one_wrong_cluster"] = round(float((miss & pure).sum() / max(1, miss.sum())), 4)
+    out["R@10_per_class"] = {int(c): round(float((~miss)[yq == c].mean()), 4) for c in np.unique(yq)}
     return out
 
 
