@@ -32,12 +32,12 @@ from lgff_core.models import build_baseline  # noqa: E402
 from lgff_core.train import train_stage  # noqa: E402
 from lgff_core.train.checkpoint import backbone_weights_id, load_model_from_checkpoint  # noqa: E402
 from lgff_core.train.feature_cache import build_feature_cache, cache_key, dataset_fingerprint  # noqa: E402
-from lgff_core.train.trainer import _flag, _iter_split_batches  # noqa: E402
+from lgff_core.train.trainer import _flag, _iter_split_batches, resolve_device  # noqa: E402
 
 
 def split_cache(model, cfg, data: str, split: str, cache_dir: str):
     """The trainer's own feature cache of `split` (same key), built here for splits the trainer does not cache."""
-    device = torch.device("cpu")
+    device = next(model.parameters()).device
     bf16 = _flag(cfg.embed.bf16, device)
     manifest = read_manifest(data)
     n = int(manifest.split_counts.get(split, 0))
@@ -46,8 +46,8 @@ def split_cache(model, cfg, data: str, split: str, cache_dir: str):
                             cfg.train.image_size, dc.get("crop_pct"), split, "bf16" if bf16 else "fp32")
 
     def extract(images):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return [f.float().contiguous() for f in model.forward_features(images)]
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return [f.float().contiguous() for f in model.forward_features(images.to(device))]
 
     tf = eval_transform(dc, cfg.train.image_size)
     return build_feature_cache(extract, lambda: _iter_split_batches(data, split, tf, 64, manifest),
@@ -55,9 +55,9 @@ def split_cache(model, cfg, data: str, split: str, cache_dir: str):
 
 
 @torch.no_grad()
-def descriptors(head, cache) -> np.ndarray:
-    out = [head(cache.batch(np.arange(i, min(i + 128, len(cache))))) for i in range(0, len(cache), 128)]
-    return F.normalize(torch.cat(out).float(), dim=1).numpy()
+def descriptors(head, cache, device) -> np.ndarray:
+    out = [head(cache.batch(np.arange(i, min(i + 128, len(cache))), device)) for i in range(0, len(cache), 128)]
+    return F.normalize(torch.cat(out).float(), dim=1).cpu().numpy()
 
 
 def scores(xq, yq, xb, yb) -> dict:
@@ -86,27 +86,31 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--splits", default="val")
     p.add_argument("--cache", default="/tmp/lgff-bench-cache")
+    p.add_argument("--tag", default="", help="free label copied into the JSON line")
     p.add_argument("--out", default=None, help="training output (default: a temporary directory, removed)")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     cfg = load_config(args.config, args.set)
+    device = resolve_device(cfg.train.device)
     out = args.out or tempfile.mkdtemp(prefix="lgff-preset-quality-")
     t0 = time.perf_counter()
     try:
         summary = train_stage(cfg, args.data, out, feature_cache=args.cache)
-        model, _ = load_model_from_checkpoint(os.path.join(out, "best"))
+        model, _ = load_model_from_checkpoint(os.path.join(out, "best"), device=device)
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
-    baseline = build_baseline(cfg)
+    baseline = build_baseline(cfg).to(device).eval()
     db = split_cache(model, cfg, args.data, cfg.train.train_split, args.cache)
-    result = {"config": args.config, "set": args.set, "data": os.path.basename(args.data.rstrip("/")),
+    result = {"config": args.config, "set": args.set, "data": os.path.basename(args.data.rstrip("/")), "tag": args.tag,
               "best_epoch": summary["best_epoch"], "train_s": round(time.perf_counter() - t0, 1)}
-    model_db, base_db = descriptors(model.forward_head, db), descriptors(baseline.forward_head, db)
+    model.eval()
+    model_db, base_db = descriptors(model.forward_head, db, device), descriptors(baseline.forward_head, db, device)
     for split in args.splits.split(","):
         q = split_cache(model, cfg, args.data, split, args.cache)
-        result[split] = {"model": scores(descriptors(model.forward_head, q), q.labels, model_db, db.labels),
-                         "baseline": scores(descriptors(baseline.forward_head, q), q.labels, base_db, db.labels)}
+        result[split] = {"model": scores(descriptors(model.forward_head, q, device), q.labels, model_db, db.labels),
+                         "baseline": scores(descriptors(baseline.forward_head, q, device), q.labels, base_db,
+                                            db.labels)}
     print(json.dumps(result))
 
 

@@ -57,7 +57,7 @@ def build_model(cfg: LGFFConfig, weights: Optional[str] = None) -> Union[LGFFEmb
         return LGFFDetectionModel(backbone, neck, num_classes=m.num_classes, min_size=m.det_min_size,
                                   max_size=m.det_max_size)
     head = GeMHead(m.channels, num_levels=len(backbone.feature_info), p=m.gem_p, eps=m.gem_eps,
-                   learn_p=m.gem_learn_p, dropout=m.dropout)
+                   learn_p=m.gem_learn_p, dropout=m.dropout, level_norm=m.head_level_norm)
     return LGFFEmbeddingModel(backbone, neck, head)
 
 
