@@ -83,6 +83,8 @@ class ModelConfig:
     gem_eps: float = 1.0e-6
     gem_learn_p: bool = True
     dropout: float = 0.0
+    # L2-normalise each GeM mini-head's output before the concatenation (equal weight per level in the descriptor)
+    head_level_norm: bool = False
     # detection only: number of classes including background
     num_classes: int = 2
     # detection only: Mask R-CNN's GeneralizedRCNNTransform resizes the shorter side to det_min_size (longer <= max)

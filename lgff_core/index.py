@@ -438,6 +438,9 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
         "exclude_self": bool(exclude_self),
         "exclude_same_group": bool(exclude_same_group),
         "database_size": int(index.ntotal),
+        # the database actually ranked: the index rows of `database_split` (all rows when not restricted)
+        "searched_database_size": int(allowed.sum()),
+        "database_splits": sorted({str(v) for v in np.asarray(bundle.splits)[allowed].tolist()}),
         "index": bundle.meta.get("uri"),
         "embeddings": bundle.meta.get("embeddings"),
         "database_labels": sorted(set(db_labels[allowed].tolist())),

@@ -20,14 +20,20 @@ mMV@k (majority vote, as reported by SISH / RetCCL) = fraction of queries whose 
     equals the query label; a tie in vote counts goes to the tied label ranked highest (closest neighbour).
 AP (full ranking) = (1 / R) * sum over ranks r (1-based) holding a relevant item of precision@r, where R is the
     number of relevant items (same label) in the database after exclusions (self / same group). mAP = mean AP.
-    "Full ranking" means every database item that survives the exclusions is ranked; when only the top k are
-    known, the same sum truncated at k with the full R in the denominator is reported as ``map_at_k`` (it equals
-    mAP exactly when k covers every relevant item).
+    "Full ranking" means every database item that survives the exclusions is ranked.
+AP@k (only the top k known, reported as ``map_at_k``) = (1 / min(k, R)) * sum over ranks r <= k holding a relevant
+    item of precision@r: the common normalisation, so a query whose top k are all relevant scores 1 (dividing by R
+    instead would cap AP@10 at 10 / R). It equals full AP when k covers every relevant item.
+Confidence intervals: 95% percentile bootstrap over queries (queries resampled with replacement, seeded), reported
+    for Recall@k and (m)AP as ``ci95`` {metric: [low, high]}.
 
 Revisited Oxford / Paris (Radenovic et al., CVPR 2018): per query the ground truth has 'easy', 'hard' and 'junk'
 database indices. Easy: positives = easy, ignored = junk + hard. Medium: positives = easy + hard, ignored = junk.
 Hard: positives = hard, ignored = junk + easy. Ignored items are removed from the ranking before AP is computed;
 AP uses the trapezoidal precision of the revisitop protocol; queries without positives are skipped.
+mP@k follows revisitop ``compute_map``: with the positives' 1-based (junk-free) ranks p_1 < ... < p_n,
+k' = min(k, p_n) and P@k = |{p_i <= k'}| / k' (a query whose positives all sit in the top k' is not penalised for
+having fewer than k positives).
 """
 from __future__ import annotations
 
@@ -50,6 +56,10 @@ __all__ = [
     "majority_vote_at_k",
     "average_precision",
     "mean_average_precision",
+    "average_precision_at_k",
+    "bootstrap_ci",
+    "per_query_table",
+    "confidence_intervals",
     "per_class_table",
     "full_ranking",
     "retrieval_metrics",
@@ -143,6 +153,29 @@ def average_precision(relevant: np.ndarray, num_relevant: Optional[int] = None) 
     return float(precisions.sum() / R)
 
 
+def average_precision_at_k(relevant: np.ndarray, k: int, num_relevant: int) -> float:
+    """AP@k of one ranking: precision@r summed over relevant ranks r <= k, divided by min(k, R); nan when R == 0."""
+    rel = np.asarray(relevant, dtype=bool)[:k]
+    norm = min(int(k), int(num_relevant))
+    if norm <= 0:
+        return float("nan")
+    hit_ranks = np.flatnonzero(rel) + 1
+    return float((np.arange(1, len(hit_ranks) + 1) / hit_ranks).sum() / norm)
+
+
+def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean of per-query `values` (nan values are dropped), seeded."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
 def mean_average_precision(relevant: np.ndarray, num_relevant: Optional[np.ndarray] = None) -> float:
     """Mean AP over queries with R > 0; `relevant` (nq, n) bool, `num_relevant` (nq,) or None."""
     rel = np.asarray(relevant, dtype=bool)
@@ -199,15 +232,62 @@ def full_ranking(xq: np.ndarray, xb: np.ndarray, exclude: Optional[np.ndarray] =
         yield q0, I, D
 
 
+def per_query_table(query_labels: np.ndarray, neighbor_labels: np.ndarray, *,
+                    num_relevant: Optional[np.ndarray] = None, full_ranking: bool = False,
+                    ks: Sequence[int] = (1, 5, 10), query_ids: Optional[Sequence] = None,
+                    label_names: Optional[Sequence[str]] = None):
+    """pandas DataFrame, one row per query: sample_id, label, label_name, top1_label, hit@k / precision@k for the
+    available k, num_relevant and ``ap`` (full ranking) or ``ap@K`` (top K only, normalised by min(K, R))."""
+    import pandas as pd
+
+    ql = np.asarray(query_labels)
+    nl = _as_2d_labels(neighbor_labels)
+    k_avail = nl.shape[1]
+    rel = nl == ql[:, None]
+    names = list(label_names or [])
+    df = pd.DataFrame({
+        "sample_id": [str(s) for s in query_ids] if query_ids is not None else np.arange(len(ql)).astype(str),
+        "label": ql.astype(np.int64),
+        "label_name": [names[c] if 0 <= c < len(names) else str(c) for c in ql.tolist()],
+        "top1_label": nl[:, 0].astype(np.int64),
+    })
+    for k in ks:
+        if k <= k_avail:
+            df[f"hit@{k}"] = rel[:, :k].any(axis=1)
+            df[f"precision@{k}"] = rel[:, :k].mean(axis=1)
+    if num_relevant is not None:
+        R = np.asarray(num_relevant, dtype=np.int64)
+        df["num_relevant"] = R
+        if full_ranking:
+            df["ap"] = [average_precision(rel[q], R[q]) for q in range(len(ql))]
+        else:
+            df[f"ap@{k_avail}"] = [average_precision_at_k(rel[q], k_avail, R[q]) for q in range(len(ql))]
+    return df
+
+
+def confidence_intervals(per_query, seed: int = 0, n_resamples: int = 1000) -> dict:
+    """95% bootstrap intervals of Recall@k and (m)AP from a `per_query_table` (metric key -> [low, high])."""
+    out = {}
+    for col in per_query.columns:
+        if col.startswith("hit@"):
+            out[f"recall@{col[4:]}"] = bootstrap_ci(per_query[col].to_numpy(float), n_resamples, seed=seed)
+        elif col == "ap" or col.startswith("ap@"):
+            key = "map" if col == "ap" else f"map_at_{col[3:]}"
+            out[key] = bootstrap_ci(per_query[col].to_numpy(float), n_resamples, seed=seed)
+    return out
+
+
 def retrieval_metrics(query_labels: np.ndarray, neighbor_labels: np.ndarray, *,
                       num_relevant: Optional[np.ndarray] = None, full_ranking: bool = False,
                       ks: Sequence[int] = (1, 5, 10), label_names: Optional[Sequence[str]] = None,
-                      mv_k: int = 5) -> dict:
+                      mv_k: int = 5, query_ids: Optional[Sequence] = None, seed: int = 0) -> dict:
     """All list-based metrics for one protocol. Values are fractions in [0, 1].
 
     `num_relevant` (nq,): relevant database items per query after exclusions; needed for mAP.
     `full_ranking`: the neighbour lists rank every candidate database item, so ``map`` is reported;
-    otherwise ``map_at_k``. Padded neighbours (label -1, rows shorter than the widest) never count as relevant.
+    otherwise ``map_at_k`` (AP@k normalised by min(k, R)). Padded neighbours (label -1, rows shorter than the
+    widest) never count as relevant. Also returned: ``ci95`` (seeded bootstrap over queries) and
+    ``per_query_table`` (a DataFrame, see `per_query_table`).
     """
     ql = np.asarray(query_labels)
     nl = _as_2d_labels(neighbor_labels)
@@ -224,14 +304,18 @@ def retrieval_metrics(query_labels: np.ndarray, neighbor_labels: np.ndarray, *,
             logger.warning("recall@%d / precision@%d skipped: only %d neighbours per query", k, k, k_avail)
     if mv_k <= k_avail:
         out[f"mmv@{mv_k}"] = majority_vote_at_k(ql, nl, mv_k)
+    table = per_query_table(ql, nl, num_relevant=num_relevant, full_ranking=full_ranking, ks=ks,
+                            query_ids=query_ids, label_names=label_names)
     if num_relevant is not None:
-        rel = nl == ql[:, None]
-        m = mean_average_precision(rel, num_relevant)
-        out["map" if full_ranking else f"map_at_{k_avail}"] = m
+        ap = table["ap" if full_ranking else f"ap@{k_avail}"].to_numpy(float)
+        out["map" if full_ranking else f"map_at_{k_avail}"] = float(np.nanmean(ap)) if (~np.isnan(ap)).any() \
+            else float("nan")
         n_empty = int((np.asarray(num_relevant) == 0).sum())
         if n_empty:
             out["map_queries_without_relevant"] = n_empty
+    out["ci95"] = confidence_intervals(table, seed=seed)
     out["per_class"] = per_class_table(ql, nl, label_names)
+    out["per_query_table"] = table
     return out
 
 
@@ -259,10 +343,13 @@ def revisited_average_precision(ranks: np.ndarray, positives: Sequence[int], jun
 
 
 def _precision_at_ks(ranks: np.ndarray, positives, junk, ks) -> list[float]:
+    """revisitop mP@k of one query: the cut-off is min(k, rank of the last positive) (module docstring)."""
     ranks = np.asarray(ranks)
     clean = ranks[~np.isin(ranks, np.asarray(junk, dtype=np.int64))]
-    rel = np.isin(clean, np.asarray(positives, dtype=np.int64))
-    return [float(rel[:k].sum() / k) for k in ks]
+    pos = np.flatnonzero(np.isin(clean, np.asarray(positives, dtype=np.int64))) + 1  # 1-based ranks
+    if pos.size == 0:
+        return [0.0 for _ in ks]
+    return [float((pos <= min(k, pos[-1])).sum() / min(k, pos[-1])) for k in ks]
 
 
 def revisited_map(ranks: np.ndarray, gnd: Sequence[dict], ks: Sequence[int] = (1, 5, 10)) -> dict:
@@ -309,6 +396,47 @@ def _padded(lists: list, fill, dtype) -> np.ndarray:
     return out
 
 
+def check_protocol(protocol: str, query_splits: Optional[Sequence[str]], meta: dict,
+                   where: str) -> tuple[Optional[str], list[str]]:
+    """Refuse neighbours that were not searched the way `protocol` defines (one-line `DataError`).
+
+    test-vs-train: the queries come from one split and the database holds none of that split's rows.
+    leave-one-out: the queries and the database are the same single split and each query's own row was excluded.
+    Returns (query split, database splits); either is unknown (None / []) for neighbour files that do not record it.
+    """
+    qs = sorted({str(s) for s in query_splits}) if query_splits is not None else []
+    db = meta.get("database_splits")
+    if db is None and meta.get("database_split"):
+        db = [meta["database_split"]] if isinstance(meta["database_split"], str) else list(meta["database_split"])
+    db = sorted(db or [])
+    hint = ("search the protocol's queries against its database (e.g. `lgff index build --split train`, then "
+            "`lgff index search --query-split test`), or evaluate with --embeddings, which applies the protocol")
+    if len(qs) > 1:
+        raise DataError(f"{where}: neighbours do not match protocol {protocol}: the queries come from splits "
+                        f"{', '.join(qs)} (one split expected) against a database of "
+                        f"{', '.join(db) or 'unknown'} rows; {hint}")
+    if protocol == "test-vs-train" and qs and db and qs[0] in db:
+        raise DataError(f"{where}: neighbours do not match protocol test-vs-train: the database holds the query "
+                        f"split {qs[0]!r} (database splits: {', '.join(db)}); {hint}")
+    if protocol == "leave-one-out" and qs and db and (db != qs or not meta.get("exclude_self")):
+        raise DataError(f"{where}: neighbours do not match protocol leave-one-out: queries of split {qs[0]!r} "
+                        f"against database splits {', '.join(db)}"
+                        + ("" if meta.get("exclude_self") else " without --exclude-self")
+                        + "; search the split against itself with --exclude-self")
+    return (qs[0] if qs else None), db
+
+
+def protocol_caption(protocol: str, n_queries: int, database_size: Optional[int], query_split: Optional[str],
+                     database_splits: Sequence[str], exclude_self: bool, exclude_same_group: bool) -> str:
+    """One sentence stating what was searched, e.g. '340 test queries against the 917 train rows (...)'."""
+    q = f"{n_queries} {query_split + ' ' if query_split else ''}queries"
+    db = f"{database_size if database_size is not None else '?'} " + (
+        f"{'/'.join(database_splits)} rows" if database_splits else "database rows")
+    extra = [e for e, on in (("own row excluded", exclude_self), ("same-group rows excluded", exclude_same_group))
+             if on]
+    return f"{protocol}: {q} against the {db}" + (f" ({', '.join(extra)})" if extra else "")
+
+
 def metrics_from_neighbours(table, meta: dict, protocol: str, ks: Sequence[int] = (1, 5, 10), mv_k: int = 5,
                             model: Optional[str] = None) -> dict:
     """Metrics JSON (a dict) from a neighbours table (`lgff_core.index.search_neighbours` layout)."""
@@ -327,6 +455,7 @@ def metrics_from_neighbours(table, meta: dict, protocol: str, ks: Sequence[int] 
                             + (" or against the train split" if protocol == "test-vs-train" else ""))
     if meta.get("database_labels") is not None:
         check_query_labels(ql, np.asarray(meta["database_labels"]), qids)
+    query_split, database_splits = check_protocol(protocol, cols.get("split"), meta, where)
     nl = _padded(cols["neighbor_labels"], -1, np.int64)
     if nl.shape[1] == 0:
         raise DataError(f"{where}: the neighbour lists are empty")
@@ -335,23 +464,33 @@ def metrics_from_neighbours(table, meta: dict, protocol: str, ks: Sequence[int] 
         "num_candidates" in cols and all(len(r) >= c for r, c in zip(cols["neighbor_ids"], cols["num_candidates"])))
     label_names = meta.get("label_names") or None
     m = retrieval_metrics(ql, nl, num_relevant=num_relevant, full_ranking=full, ks=ks, label_names=label_names,
-                          mv_k=mv_k)
+                          mv_k=mv_k, query_ids=qids)
     per_class = m.pop("per_class")
+    per_query = m.pop("per_query_table")
+    ci95 = m.pop("ci95")
     model = model or meta.get("model") or "unknown"
+    # the database actually ranked: the index rows of the protocol's split(s), not the whole index
+    searched = meta.get("searched_database_size", meta.get("database_size"))
     return {
         "kind": "retrieval",
         "model": model,
         "is_baseline": str(model).startswith("baseline"),
         "protocol": protocol,
+        "protocol_caption": protocol_caption(protocol, len(ql), searched, query_split, database_splits,
+                                             bool(meta.get("exclude_self")), bool(meta.get("exclude_same_group"))),
         "full_ranking": full,
         "exclude_self": meta.get("exclude_self"),
         "exclude_same_group": meta.get("exclude_same_group"),
-        "query_split": meta.get("query_split"),
+        "query_split": meta.get("query_split") or query_split,
         "n_queries": int(len(ql)),
-        "database_size": meta.get("database_size"),
-        "database_split": meta.get("database_split"),
+        "database_size": searched,
+        "index_size": meta.get("database_size"),
+        "database_split": meta.get("database_split") or (",".join(database_splits) if database_splits else None),
         "metrics": m,
+        "ci95": ci95,
+        "ci_method": "95% percentile bootstrap over queries, 1000 resamples, seed 0",
         "per_class": per_class,
+        "per_query_table": per_query,
         "neighbors": meta.get("uri"),
         "embeddings": meta.get("embeddings"),
         "queries": meta.get("queries"),
@@ -464,10 +603,26 @@ def evaluate_roxford(gnd_uri: str, embeddings_uri: str, queries_uri: Optional[st
             "n_queries": len(cfg["qimlist"]), "database_size": len(cfg["imlist"]), "metrics": result}
 
 
-def write_metrics(result: dict, out_uri: str) -> None:
+PER_QUERY_STEM = "per_query"
+
+
+def write_metrics(result: dict, out_uri: str) -> dict:
+    """Write the metrics JSON to `out_uri`; a result carrying a ``per_query_table`` also gets it beside the JSON as
+    ``per_query.parquet`` and ``per_query.csv`` (named in the JSON under ``per_query``), written first so the JSON,
+    published last, only ever names complete files. Returns the JSON-side dict."""
     from . import storage
 
+    result = dict(result)
+    table = result.pop("per_query_table", None)
+    if table is not None:
+        base = out_uri.rsplit("/", 1)[0] if "/" in str(out_uri) else "."
+        stem = storage.join(base, PER_QUERY_STEM)
+        with storage.atomic_output(stem + ".parquet") as f:
+            table.to_parquet(f, index=False)
+        storage.write_text(stem + ".csv", table.to_csv(index=False))
+        result["per_query"] = {"parquet": stem + ".parquet", "csv": stem + ".csv"}
     storage.write_text(out_uri, json.dumps(_no_nan(result), indent=2, default=_json_default, allow_nan=False) + "\n")
+    return result
 
 
 def _no_nan(o):

@@ -1,4 +1,4 @@
-"""Run, compile, submit and schedule the kfp pipelines (``pipelines/``) built from an `LGFFConfig`.
+"""Run, compile, submit and schedule the registered kfp pipelines (`pipelines/` registers its own) for a config.
 
 Local path (the embedded default, DESIGN.md section 6): `run_local` executes the pipeline with ``kfp.local`` and the
 ``SubprocessRunner(use_venv=False)``: every task is a subprocess of this venv's Python running the component body,
@@ -43,6 +43,8 @@ __all__ = [
     "TaskRecord",
     "LocalRunResult",
     "pipeline_names",
+    "register_pipeline",
+    "registered_pipelines",
     "build",
     "run_local",
     "compile_pipeline",
@@ -99,19 +101,81 @@ class LocalRunResult:
         }
 
 
-def pipeline_names() -> list[str]:
-    from pipelines import PIPELINES
+# Pipeline registry. lgff_core is the layer below `pipelines/` and never imports it: pipeline definitions register
+# themselves, either as entry points of the group below (`pyproject.toml`, found once the project is installed) or
+# by calling `register_pipeline` (the `pipelines` package does so when imported).
+ENTRY_POINT_GROUP = "lgff.pipelines"
+_REGISTRY: dict[str, Callable[[LGFFConfig], Any]] = {}
 
-    return sorted(PIPELINES)
+
+def register_pipeline(name: str, builder: Callable[[LGFFConfig], Any]) -> None:
+    """Make `builder(cfg) -> kfp pipeline function` available as `lgff pipeline ... name`."""
+    _REGISTRY[name] = builder
+
+
+def registered_pipelines() -> dict[str, Callable[[LGFFConfig], Any]]:
+    """Every registered pipeline builder: those registered in-process, then the `lgff.pipelines` entry points."""
+    from importlib.metadata import entry_points
+
+    found = dict(_REGISTRY)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in found:
+            found[ep.name] = ep
+    return found
+
+
+PREP_SOURCES = ("samples:", "imagefolder:")
+
+
+def is_prep_source(source: str) -> bool:
+    """A source the pipeline builds with its prep task (``samples:NAME``, ``imagefolder:DIR``), not a dataset URI."""
+    return str(source).startswith(PREP_SOURCES)
+
+
+def check_datasets(cfg: LGFFConfig, arguments: Optional[dict[str, Any]] = None) -> None:
+    """Before a run: every dataset URI the run imports (strategy stages, pipeline source) must be a dataset (hold a
+    `_manifest.json`); otherwise a `PipelineError` names the missing URI and where the config sets it."""
+    from . import storage
+
+    wanted = [(f"strategy[{i}].data ({s.name})", s.data) for i, s in enumerate(cfg.strategy) if s.data]
+    source = (arguments or {}).get("source", cfg.pipeline.source)
+    wanted.append(("source" if arguments and "source" in arguments else "pipeline.source", source))
+    for where, uri in wanted:
+        if not uri or is_prep_source(uri):
+            continue
+        manifest = storage.join(str(uri), "_manifest.json")
+        try:
+            found = storage.exists(manifest)
+        except LGFFError as exc:
+            raise PipelineError(f"dataset {uri} ({where}) cannot be read: {exc}") from None
+        if not found:
+            raise PipelineError(f"dataset {uri} ({where}) is missing: no {manifest}; prep it first "
+                                "(`lgff prep ... --out URI`) or point the config at it")
+
+
+def _parameters(func) -> set[str]:
+    """Parameter names of a kfp pipeline function (its component spec's inputs)."""
+    spec = getattr(func, "component_spec", None)
+    return set((spec.inputs or {}).keys()) if spec is not None else set()
+
+
+def pipeline_names() -> list[str]:
+    return sorted(registered_pipelines())
 
 
 def build(name: str, cfg: LGFFConfig):
     """The kfp pipeline function `name` built for `cfg`."""
-    from pipelines import PIPELINES
+    from importlib.metadata import EntryPoint
 
-    if name not in PIPELINES:
-        raise PipelineError(f"unknown pipeline {name!r}; pipelines: {', '.join(sorted(PIPELINES))}")
-    return PIPELINES[name](cfg)
+    found = registered_pipelines()
+    if name not in found:
+        known = ", ".join(sorted(found)) or (f"none registered (entry point group {ENTRY_POINT_GROUP!r}: "
+                                             "install the project, e.g. `pip install -e .`)")
+        raise PipelineError(f"unknown pipeline {name!r}; pipelines: {known}")
+    builder = found[name]
+    if isinstance(builder, EntryPoint):
+        builder = builder.load()
+    return builder(cfg)
 
 
 # ----------------------------------------------------------------------------------------------- local run
@@ -268,10 +332,12 @@ def run_local(
     if "://" in root or (pipeline_root or cfg.pipeline.pipeline_root).startswith(("s3://", "gs://")):
         raise PipelineError(f"local runs need a local pipeline root, got {pipeline_root or cfg.pipeline.pipeline_root!r}"
                             " (use --root DIR; s3:// roots are for cluster runs)")
-    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     # the tasks put bulk data under <root>/.bulk/ (LGFF_PIPELINE_ROOT, set from the config): this run's root
     cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, pipeline_root=root))
     func = build(name, cfg)
+    if "source" in _parameters(func):  # a training pipeline: fail at once on missing data, before any task runs
+        check_datasets(cfg, arguments)
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log_path = os.path.join(root, "logs", f"{name}-{stamp}.log")
     records: list[TaskRecord] = []

@@ -41,6 +41,9 @@ RETRIEVAL_ROWS = [
 ]
 
 
+PER_CLASS_FIGURE = "per_class_accuracy.png"
+
+
 @dataclass
 class Run:
     uri: str
@@ -257,23 +260,77 @@ def _delta(v, b) -> str:
     return f"{100 * (v - b):+.2f}"
 
 
-def _retrieval_table(runs: list[Run], baseline: Optional[Run]) -> tuple[list[str], list[list[str]]]:
+# what each reported number is (shown under the table; formulas in lgff_core/metrics.py)
+METRIC_DEFINITIONS = [
+    ("eta_p", "correct top-1 / queries (Kimia Path24 patch accuracy)"),
+    ("eta_w", "mean over classes with queries of their top-1 accuracy"),
+    ("eta_tot", "eta_p x eta_w"),
+    ("Recall@k", "fraction of queries with at least one same-class item among the top k; with few, large "
+                 "classes a random ranking already scores high for k > 1 (3 classes at 10-48% of the database: "
+                 "Recall@10 ~ 0.84 by chance), so Recall@5/10 reward class-mixed lists; read them with "
+                 "Precision@k and mMV@5"),
+    ("Precision@k", "mean over queries of same-class items in the top k, divided by k"),
+    ("mAP (full ranking)", "mean over queries of AP = (1/R) sum over ranks r of a relevant item of precision@r; "
+                           "R = same-class database items (after exclusions); every database item ranked"),
+    ("mAP@k (top-k only)", "AP@k = sum over relevant ranks r <= k of precision@r, divided by min(k, R)"),
+    ("mMV@5", "fraction of queries whose majority label among the top 5 is the query's (ties: best-ranked label)"),
+    ("95% CI", "percentile bootstrap over queries (1000 resamples, seed 0)"),
+]
+
+
+def _cell(run: Run, key: str) -> str:
+    value = run.data["metrics"].get(key)
+    ci = (run.data.get("ci95") or {}).get(key)
+    if ci and value is not None and all(c is not None for c in ci):
+        return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]"
+    return _pct(value)
+
+
+def _retrieval_table(runs: list[Run], baseline: Optional[Run]):
+    """pandas DataFrame: one row per metric, one column per run (value and 95% CI), deltas against the baseline."""
+    import pandas as pd
+
     keys = [(k, label) for k, label in RETRIEVAL_ROWS if any(k in r.data["metrics"] for r in runs)]
     # truncated mAP (map_at_K) when no full ranking was available
     extra = sorted({k for r in runs for k in r.data["metrics"] if k.startswith("map_at_")})
     keys += [(k, f"mAP@{k.split('_')[-1]} (top-k only)") for k in extra]
-    header = ["metric (%)"] + [r.name + (" (baseline)" if r is baseline else "") for r in runs]
     others = [r for r in runs if r is not baseline]
+    table = pd.DataFrame({"metric (%) [95% CI]": [label for _, label in keys] + ["queries", "database searched"]})
+    for r in runs:
+        table[r.name + (" (baseline)" if r is baseline else "")] = (
+            [_cell(r, k) for k, _ in keys] + [str(r.data.get("n_queries", "-")), str(r.data.get("database_size", "-"))])
     if baseline is not None:
-        header += [f"Δ {r.name}" for r in others]
-    rows = []
-    for k, label in keys:
-        row = [label] + [_pct(r.data["metrics"].get(k)) for r in runs]
-        if baseline is not None:
-            row += [_delta(r.data["metrics"].get(k), baseline.data["metrics"].get(k)) for r in others]
-        rows.append(row)
-    rows.append(["queries"] + [str(r.data.get("n_queries", "-")) for r in runs] + [""] * (len(header) - 1 - len(runs)))
-    return header, rows
+        for r in others:
+            base = baseline.data["metrics"]
+            table[f"Δ {r.name}"] = [_delta(r.data["metrics"].get(k), base.get(k)) for k, _ in keys] + ["", ""]
+    return table
+
+
+def _per_class_table(runs: list[Run]):
+    """pandas DataFrame: per class, its queries and each run's top-1 accuracy (%) -- the numbers of the chart."""
+    import pandas as pd
+
+    frames = {r.name: pd.DataFrame(r.data["per_class"]).set_index("label") for r in runs if r.data.get("per_class")}
+    if not frames:
+        return None
+    info = pd.concat([f[["name", "n_queries"]] for f in frames.values()])
+    info = info[~info.index.duplicated()].sort_index()
+    acc = pd.concat({f"{name} top-1 (%)": (100 * f["accuracy"].astype(float)).round(2)
+                     for name, f in frames.items()}, axis=1)
+    table = info.join(acc).reset_index()
+    table["n_queries"] = table["n_queries"].astype(int)
+    return table.rename(columns={"name": "class", "n_queries": "queries"})
+
+
+def _frame_rows(table) -> tuple[list[str], list[list[str]]]:
+    return [str(c) for c in table.columns], [["-" if pd_isna(v) else str(v) for v in row]
+                                            for row in table.itertuples(index=False)]
+
+
+def pd_isna(v) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(v)) if not isinstance(v, (list, tuple)) else False
 
 
 def _revisited_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -332,10 +389,12 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
     retrieval = [r for r in runs if r.data.get("kind", "retrieval") == "retrieval"]
     revisited = [r for r in runs if r.data.get("kind") == "revisited"]
     figures: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
+    per_class_md: list[str] = []
+    per_class_html: list[str] = []
     if retrieval:
         chart = _per_class_chart(retrieval)
         if chart:
-            figures.append(("per_class_accuracy.png", "Per-class top-1 accuracy", chart))
+            figures.append((PER_CLASS_FIGURE, "Per-class top-1 accuracy", chart))
     for i, r in enumerate(retrieval):
         proj = _projection_figure(r, max_points, seed)
         if proj:
@@ -355,24 +414,44 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
         md += ["No baseline run given (a metrics file with `\"is_baseline\": true`).", ""]
         body.append("<p>No baseline run given.</p>")
     if retrieval:
-        header, rows = _retrieval_table(retrieval, baseline if baseline in retrieval else None)
+        header, rows = _frame_rows(_retrieval_table(retrieval, baseline if baseline in retrieval else None))
         md += ["## Retrieval", "", _md_table(header, rows), ""]
         body += ["<h2>Retrieval</h2>", _html_table(header, rows)]
-        notes = "; ".join(f"{r.name}: protocol {r.data.get('protocol')}, {r.data.get('n_queries')} queries, "
-                          f"database {r.data.get('database_size')}"
+        notes = "; ".join(f"{r.name}: " + (r.data.get("protocol_caption") or
+                                           f"protocol {r.data.get('protocol')}, {r.data.get('n_queries')} queries, "
+                                           f"database {r.data.get('database_size')}")
                           + (", full ranking" if r.data.get("full_ranking") else "") for r in retrieval)
         md += [f"_{notes}_", ""]
         body.append(f"<p class='meta'>{html.escape(notes)}</p>")
+        md += ["Definitions:", ""] + [f"- **{name}**: {text}" for name, text in METRIC_DEFINITIONS] + [""]
+        body.append("<p class='meta'>Definitions:</p><ul class='meta'>" + "".join(
+            f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in METRIC_DEFINITIONS)
+            + "</ul>")
+        per_class = _per_class_table(retrieval)
+        if per_class is not None:
+            header, rows = _frame_rows(per_class)
+            per_class_md = ["## Per-class top-1 accuracy", "", _md_table(header, rows), ""]
+            per_class_html = ["<h2>Per-class top-1 accuracy</h2>", _html_table(header, rows)]
     if revisited:
         header, rows = _revisited_table(revisited)
         md += ["## Revisited Oxford / Paris", "", _md_table(header, rows), ""]
         body += ["<h2>Revisited Oxford / Paris</h2>", _html_table(header, rows)]
     for name, caption, png in figures:
         storage.write_bytes(storage.join(fig_dir, name), png)
-        md += [f"## {caption}", "", f"![{caption}]({fig_rel}/{name})", ""]
         b64 = base64.b64encode(png).decode("ascii")
-        body += [f"<h2>{html.escape(caption)}</h2>", f"<img alt='{html.escape(caption)}' "
-                 f"src='data:image/png;base64,{b64}'>"]
+        img_md = f"![{caption}]({fig_rel}/{name})"
+        img_html = f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>"
+        if name == PER_CLASS_FIGURE and per_class_md:
+            # the per-class table beside its chart
+            md += per_class_md + [img_md, ""]
+            body += per_class_html[:1] + ["<div style='display:flex;gap:1em;align-items:flex-start'>",
+                                          per_class_html[1], f"<div>{img_html}</div>", "</div>"]
+            per_class_md = per_class_html = []
+            continue
+        md += [f"## {caption}", "", img_md, ""]
+        body += [f"<h2>{html.escape(caption)}</h2>", img_html]
+    md += per_class_md
+    body += per_class_html
     if links:  # related pages (the explain stage's explanations); only linked when present
         md += ["## Related pages", ""] + [f"- [{t}]({u})" for t, u in links] + [""]
         body += ["<h2>Related pages</h2><ul>"] + [f"<li><a href='{html.escape(u)}'>{html.escape(t)}</a></li>"

@@ -2,8 +2,12 @@
 
 Each module exposes ``build_pipeline(cfg) -> pipeline function``; the config is read at build (compile) time, so
 each task gets its config slice as a constant input (`lgff_core.pipeline_config`) and a config change reruns only
-the tasks whose slice changed. `PIPELINES` maps the CLI names to the builders.
+the tasks whose slice changed. `PIPELINES` maps the CLI names to the builders; they are registered with
+`lgff_core.pipeline` here and as `lgff.pipelines` entry points (pyproject.toml), since lgff_core never imports this
+package.
 """
+from lgff_core.pipeline import register_pipeline
+
 from . import detection, reindex, train_and_index
 
 PIPELINES = {
@@ -11,5 +15,8 @@ PIPELINES = {
     "reindex": reindex.build_pipeline,
     "detection": detection.build_pipeline,
 }
+
+for _name, _builder in PIPELINES.items():
+    register_pipeline(_name, _builder)
 
 __all__ = ["PIPELINES"]

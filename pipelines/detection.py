@@ -9,6 +9,7 @@ from kfp.dsl import HTML, Markdown, Model
 
 import components as c
 from lgff_core.config import ConfigError, LGFFConfig, apply_overrides
+from lgff_core.pipeline import is_prep_source
 from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
 
 from ._wiring import configure_task, pipeline_root_for
@@ -24,7 +25,7 @@ def build_pipeline(cfg: LGFFConfig):
         raise ConfigError(f"the detection pipeline needs model.kind=detection; config {cfg.name!r} has "
                           f"{cfg.model.kind!r} (try --config lgffdm_cpu)")
     source_default = cfg.pipeline.source
-    source_is_uri = not source_default.startswith(("samples:", "imagefolder:"))
+    source_is_uri = not is_prep_source(source_default)
     Outputs = NamedTuple("Outputs", [("model", Model), ("report", HTML), ("report_md", Markdown)])
 
     @dsl.pipeline(name=NAME, description="LGFFDM: LGFFN-D vs BiFPN necks, Mask R-CNN, COCO AP (Table 5.3)",

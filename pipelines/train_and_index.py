@@ -13,6 +13,7 @@ from kfp.dsl import HTML, Markdown, Model
 
 import components as c
 from lgff_core.config import LGFFConfig
+from lgff_core.pipeline import is_prep_source
 from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
 
 from ._explain import explain_task, report_kwargs
@@ -28,11 +29,14 @@ def scan_task(cfg: LGFFConfig, data_uri, model_uri="", display_name: str = "scan
     return task
 
 
-def dataset_source(cfg: LGFFConfig, source, source_is_uri: bool) -> tuple:
-    """(data_uri, data_fingerprint) channels: prep's outputs, or an existing dataset URI and its scan."""
+def dataset_source(cfg: LGFFConfig, source, source_is_uri: bool, stage_name: str = "") -> tuple:
+    """(data_uri, data_fingerprint) channels: prep's outputs, or an existing dataset URI and its scan. A strategy
+    stage with its own dataset names its tasks after the stage."""
+    suffix = f"-{stage_name}" if stage_name else ""
     if source_is_uri:
-        return source, scan_task(cfg, source, display_name="scan-dataset").outputs["data_fingerprint"]
-    prep = configure_task(c.prep(source=source, config_yaml=stage_config_yaml(cfg, "prep")), cfg, "prep", "prep")
+        return source, scan_task(cfg, source, display_name=f"scan-dataset{suffix}").outputs["data_fingerprint"]
+    prep = configure_task(c.prep(source=source, config_yaml=stage_config_yaml(cfg, "prep")), cfg, "prep",
+                          f"prep{suffix}")
     return prep.outputs["uri"], prep.outputs["fingerprint"]
 
 
@@ -84,7 +88,7 @@ def evaluate_task(cfg: LGFFConfig, embeddings, index, label: str) -> dsl.Pipelin
 def build_pipeline(cfg: LGFFConfig):
     """The kfp pipeline function for `cfg` (compile with kfp.compiler or call under kfp.local)."""
     source_default = cfg.pipeline.source
-    source_is_uri = not source_default.startswith(("samples:", "imagefolder:"))
+    source_is_uri = not is_prep_source(source_default)
     Outputs = NamedTuple("Outputs", [("model", Model), ("report", HTML), ("report_md", Markdown)])
 
     @dsl.pipeline(name=NAME, description="LGFF: train, embed (model + GeM baseline), index, evaluate, report",
@@ -96,9 +100,8 @@ def build_pipeline(cfg: LGFFConfig):
         model: Optional[dsl.PipelineTask] = None
         for i, stage in enumerate(cfg.strategy):
             stage_uri, stage_fp = data_uri, data_fp
-            if stage.data:
-                stage_uri = stage.data
-                stage_fp = scan_task(cfg, stage.data, display_name=f"scan-{stage.name}").outputs["data_fingerprint"]
+            if stage.data:  # the stage's own dataset: prepped (samples: / imagefolder:) or scanned by URI
+                stage_uri, stage_fp = dataset_source(cfg, stage.data, not is_prep_source(stage.data), stage.name)
             kwargs = {"init": model.outputs["model"]} if model is not None else {}
             task = c.train(config_yaml=train_stage_config_yaml(cfg, i), stage_name=stage.name, data_uri=stage_uri,
                            data_fingerprint=stage_fp, nproc=max(1, cfg.pipeline.gpu_count), **kwargs)

@@ -130,3 +130,20 @@ def test_copy_checkpoint(tmp_path):
     assert not (tmp_path / "b" / "optimizer.safetensors").exists()  # stale file of the old checkpoint removed
     assert torch.equal(ckpt.load_tensors(str(tmp_path / "b"))["w"], torch.ones(2))
     assert math.isclose(float(ckpt.load_tensors(str(tmp_path / "b"), ckpt.LOSS_FILE)["weight"]), 1.0)
+
+
+def test_training_output_directory_resolves_to_its_best_checkpoint(tmp_path, caplog):
+    # `lgff embed --model RUN_DIR` (and every loader) used to fail with "no model.json" on a training output directory
+    run = tmp_path / "run"
+    sd = {"w": torch.arange(4.0)}
+    ckpt.save_checkpoint(str(run / "best"), sd, {"epoch": 2})
+    ckpt.save_checkpoint(str(run / "last"), {"w": torch.zeros(4)}, {"epoch": 5})
+    with caplog.at_level("INFO", logger="lgff_core.train.checkpoint"):
+        assert ckpt.checkpoint_prefix(str(run)) == str(run / "best")
+        assert ckpt.read_sidecar(str(run))["epoch"] == 2
+        assert torch.equal(ckpt.load_tensors(str(run))["w"], sd["w"])
+    assert "training output directory" in caplog.text and str(run / "best") in caplog.text
+    # a checkpoint prefix itself, and a directory that is neither, are unchanged
+    assert ckpt.checkpoint_prefix(str(run / "last")) == str(run / "last")
+    with pytest.raises(CheckpointError, match="no model.json"):
+        ckpt.read_sidecar(str(tmp_path))

@@ -69,12 +69,25 @@ def test_report_model_vs_baseline(evaluated):
     assert model["dataset"].endswith("ds") and model["neighbors"].endswith("neighbors.parquet")
     # table: header order model, baseline, delta; values in percent with two decimals
     header = next(line for line in md.splitlines() if line.startswith("| metric"))
-    assert header == ("| metric (%) | lgff-model [test-vs-train] | baseline-gem-last [test-vs-train] (baseline) | "
-                      "Δ lgff-model [test-vs-train] |")
+    assert header == ("| metric (%) [95% CI] | lgff-model [test-vs-train] | baseline-gem-last [test-vs-train] "
+                      "(baseline) | Δ lgff-model [test-vs-train] |")
     eta = next(line for line in md.splitlines() if line.startswith("| eta_p |"))
     m, b = model["metrics"]["eta_p"], base["metrics"]["eta_p"]
     assert eta == f"| eta_p | {100 * m:.2f} | {100 * b:.2f} | {100 * (m - b):+.2f} |"
     assert "| mAP (full ranking) |" in md and "| mMV@5 |" in md
+    # Recall@k and mAP carry their bootstrap interval, for the model and the baseline
+    r1 = next(line for line in md.splitlines() if line.startswith("| Recall@1 |"))
+    for run in (model, base):
+        lo, hi = run["ci95"]["recall@1"]
+        assert f"{100 * run['metrics']['recall@1']:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]" in r1
+    assert f"| database searched | {model['database_size']} | {base['database_size']} |" in md
+    assert model["protocol_caption"] in md and "divided by min(k, R)" in md
+    # per-class table beside the chart: one row per class with each run's top-1 accuracy
+    section = md.split("## Per-class top-1 accuracy", 1)[1]
+    assert section.index("| class |") < section.index("per_class_accuracy.png")
+    row0 = next(line for line in section.splitlines() if line.startswith("| 0 |"))
+    pc = {r["label"]: r for r in model["per_class"]}
+    assert row0.startswith(f"| 0 | {pc[0]['name']} | {pc[0]['n_queries']} | {round(100 * pc[0]['accuracy'], 2)}")
     # self-contained HTML: every figure inline, no external references
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
     assert len(imgs) == 5  # per-class chart + projection and query grid for each run

@@ -21,7 +21,7 @@ from .index import parse_shard
 def register(subparsers) -> None:
     p = subparsers.add_parser("embed", help="embed a dataset (model checkpoint or GeM baseline)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint URI (a training run's best/ prefix)")
+    p.add_argument("--model", help="checkpoint URI, or a training output directory (its best/ checkpoint is used)")
     p.add_argument("--baseline", nargs="?", const="gem-last", choices=("gem-last",),
                    help="embed with the frozen backbone + GeM on its last level instead of a model")
     p.add_argument("--data", help="dataset URI")

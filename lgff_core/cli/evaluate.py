@@ -5,6 +5,9 @@
   lgff evaluate roxford --gnd gnd_roxford5k.pkl --embeddings E [--queries EQ] --out metrics.json
   lgff evaluate detection --model RUN/best --data COCO_URI --out DIR [--max-dets N] [--split test]
       (COCO bbox + segm AP with pycocotools; DIR gets predictions.json, overlays/, report.md/.html, metrics.json)
+
+Beside metrics.json: per_query.parquet and per_query.csv (one row per query: label, top-1 label, hit@k, AP).
+Neighbours that were not searched the way --protocol defines (query split vs database split) are refused.
 """
 from __future__ import annotations
 
@@ -97,13 +100,15 @@ def _retrieval(args) -> int:
                                      k=args.k if args.k is not None else cfg.evaluate.k,
                                      exclude_same_group=args.exclude_same_group or cfg.evaluate.exclude_same_group,
                                      ks=ks, mv_k=cfg.evaluate.mv_k, model=args.model, neighbours_out=neighbours_out)
-    write_metrics(result, metrics_uri)
-    m = result["metrics"]
-    print(f"{result['model']} / {protocol}: {result['n_queries']} queries")
+    written = write_metrics(result, metrics_uri)
+    m, ci = result["metrics"], result.get("ci95", {})
+    print(f"{result['model']} / {result.get('protocol_caption', protocol)}")
     for key, value in m.items():
         if isinstance(value, float):
-            print(f"  {key:>12s} {_fmt(value)}")
-    print(f"-> {metrics_uri}")
+            band = f"  95% CI [{_fmt(ci[key][0]).strip()}, {_fmt(ci[key][1]).strip()}]" if key in ci else ""
+            print(f"  {key:>12s} {_fmt(value)}{band}")
+    print(f"-> {metrics_uri}" + (f" (per query: {written['per_query']['parquet']}, .csv)"
+                                 if "per_query" in written else ""))
     return 0
 
 

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", help="dataset URI (Parquet shards + _manifest.json); optional when the stage sets data")
     p.add_argument("--out", required=True, help="output URI: last/, best/, metrics.jsonl")
     p.add_argument("--stage", type=int, default=0, help="strategy stage index (default 0)")
-    p.add_argument("--init", metavar="CHECKPOINT_URI", help="previous stage's checkpoint (e.g. RUN/best)")
+    p.add_argument("--init", metavar="CHECKPOINT_URI",
+                   help="previous stage's checkpoint, or its training output directory (uses its best/)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint under --out")
     p.add_argument("--feature-cache", metavar="URI", help="cache frozen-backbone features here and train from them")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
@@ -65,6 +66,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import DataError
+    from ..pipeline import is_prep_source
     from ..train import train_stage
     from ..train.trainer import StopTraining
 
@@ -76,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_args_config(args)
     stage_cfg = cfg.stage(args.stage)
     data = cfg.strategy[args.stage].data or args.data
+    if data and is_prep_source(data):  # e.g. samples:NAME: the pipeline preps it; by hand it is --data
+        if not args.data:
+            raise DataError(f"strategy[{args.stage}].data is {data!r}, a source the pipeline builds with its prep "
+                            f"task; build it (`lgff prep ...`) and pass the dataset with --data")
+        data = args.data
     if not data:
         raise DataError(f"no dataset: pass --data or set strategy[{args.stage}].data in the config")
 

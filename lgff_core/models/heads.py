@@ -50,14 +50,21 @@ class GeMHead(nn.Module):
         eps: float = 1e-6,
         learn_p: bool = True,
         dropout: float = 0.0,
+        level_norm: bool = False,
     ) -> None:
         super().__init__()
         self.heads = nn.ModuleList(
             GeMMiniHead(channels, p=p, eps=eps, learn_p=learn_p, dropout=dropout) for _ in range(num_levels)
         )
         self.out_dim = channels * num_levels
+        # L2-normalise each level's output before concatenating: every level then weighs the same in the cosine of
+        # the (re-normalised) descriptor, instead of the level whose fc2 output happens to be largest dominating it
+        self.level_norm = level_norm
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != len(self.heads):
             raise ValueError(f"GeMHead expects {len(self.heads)} levels, got {len(features)}")
-        return torch.cat([head(x) for head, x in zip(self.heads, features)], dim=1)
+        outs = [head(x) for head, x in zip(self.heads, features)]
+        if self.level_norm:
+            outs = [F.normalize(o, dim=1) for o in outs]
+        return torch.cat(outs, dim=1)

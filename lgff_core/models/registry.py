@@ -58,7 +58,7 @@ def build_model(cfg: LGFFConfig, weights: Optional[str] = None) -> Union[LGFFEmb
                                   max_size=m.det_max_size, neck_name=m.neck,
                                   detections_per_img=m.det_detections_per_img)
     head = GeMHead(m.channels, num_levels=len(backbone.feature_info), p=m.gem_p, eps=m.gem_eps,
-                   learn_p=m.gem_learn_p, dropout=m.dropout)
+                   learn_p=m.gem_learn_p, dropout=m.dropout, level_norm=m.head_level_norm)
     return LGFFEmbeddingModel(backbone, neck, head)
 
 

@@ -52,6 +52,9 @@ MODEL_FILE = "model.safetensors"
 LOSS_FILE = "loss.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 SIDECAR_FILE = "model.json"
+# a training run's best-validation checkpoint, under its output directory (the trainer's `best/`)
+BEST_DIR = "best"
+_LOGGED_RUN_DIRS: set[str] = set()
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar")
 
 
@@ -63,12 +66,19 @@ def _refuse_pickle(uri: str) -> None:
 
 
 def checkpoint_prefix(uri: str) -> str:
-    """The checkpoint prefix of `uri` (accepts the prefix itself or its model.safetensors / model.json)."""
+    """The checkpoint prefix of `uri`: the prefix itself, its model.safetensors / model.json, or a training output
+    directory (`lgff train --out`), whose `best/` checkpoint is used (logged)."""
     uri = str(uri).rstrip("/")
     _refuse_pickle(uri)
     for name in (MODEL_FILE, SIDECAR_FILE):
         if uri.endswith("/" + name) or uri == name:
             return uri[: -len(name)].rstrip("/") or "."
+    best = storage.join(uri, BEST_DIR)
+    if not storage.exists(storage.join(uri, SIDECAR_FILE)) and storage.exists(storage.join(best, SIDECAR_FILE)):
+        if uri not in _LOGGED_RUN_DIRS:  # once per process: the prefix is resolved by every loader call
+            _LOGGED_RUN_DIRS.add(uri)
+            log.info("%s is a training output directory: using its best checkpoint %s", uri, best)
+        return best
     return uri
 
 

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 STAGING = "_staging"
 LAST = "last"
-BEST = "best"
+BEST = ckpt.BEST_DIR
 METRICS = "metrics.jsonl"
 
 

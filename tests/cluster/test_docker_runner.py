@@ -16,7 +16,7 @@ from .conftest import CONTAINER_HARDENING, REPORT_LINES
 # tiny demo: 1 epoch, C=16 x 1 layer; the real crops, the real packaged EfficientNet-Lite0 weights
 TINY_DEMO = [
     "train.epochs=1", "model.channels=16", "model.num_layers=1", "train.device=cpu",
-    "embed.bf16=false", "embed.channels_last=false", "pipeline.retries=0", "pipeline.embed_shards=2",
+    "embed.bf16=false", "embed.channels_last=false", "pipeline.retries=0", "pipeline.rows_per_task=800",
 ]
 SOURCE = "samples:histolytics-nuclei"
 
