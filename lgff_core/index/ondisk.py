@@ -171,7 +171,7 @@ def normalise(x: np.ndarray, metric: str, where: str) -> np.ndarray:
         if (norms == 0).any():
             raise DataError(f"{where}: {int((norms == 0).sum())} zero vector(s) (row {int(np.argmin(norms))}) "
                             "cannot be normalised for inner-product search")
-        x /= norms[:, None]
+        faiss.normalize_L2(x)  # bit-identical to the in-RAM path (prepare_vectors)
     return x
 
 
