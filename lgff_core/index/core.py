@@ -244,8 +244,8 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
                               f"(splits: {sorted(n for n in idmap.split_names if n is not None)})")
     # database-side facts are per-row integer codes: the sample_id strings stay in the id map's Parquet
     self_pos = idmap.find(list(queries.ids)) if exclude_self else np.full(len(queries), -1, np.int64)
-    db_group = idmap.group_codes
-    q_group = code_of(idmap.group_names, list(queries.groups))
+    db_group = idmap.group_codes if exclude_same_group else None
+    q_group = code_of(idmap.group_names, list(queries.groups)) if exclude_same_group else None
     db_labels = bundle.labels
 
     top = int(max(db_labels.max(initial=0), queries.labels.max(initial=0))) + 1
@@ -264,7 +264,7 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
         safe_self = np.maximum(self_pos, 0)
         in_db = (self_pos >= 0) & allowed[safe_self]
         # self is in its own group: only count it when the group is not already excluded
-        self_extra = in_db & ~(exclude_same_group & (db_group[safe_self] == q_group))
+        self_extra = in_db & ~((db_group[safe_self] == q_group) if exclude_same_group else False)
         n_excluded = n_excluded + self_extra
         n_excluded_rel = n_excluded_rel + (self_extra & (db_labels[safe_self] == queries.labels))
     label_count = np.bincount(db_labels[allowed & (db_labels >= 0)], minlength=top)

@@ -321,11 +321,11 @@ def search_to_parquet(index_uri: str, queries_uri: str, out_uri: str, k: Optiona
                       exclude_same_group: bool = False, nprobe: Optional[int] = None,
                       ef_search: Optional[int] = None, query_batch: int = 1024) -> dict:
     """`lgff index search`: neighbours Parquet for the queries (the `query_split` rows of an embeddings set)."""
-    from ..embeddings import read_embeddings
     from .core import write_neighbours
 
     bundle = load_index(index_uri)
-    queries = read_embeddings(queries_uri, split=query_split)
+    source = EmbeddingsSource(queries_uri, query_split)  # streamed: only the query rows are kept
+    queries = source.take(np.arange(source.num_rows))
     if len(queries) == 0:
         raise DataError(f"{queries_uri}: no queries" + (f" in split {query_split!r}" if query_split else ""))
     table = search_neighbours_batched(bundle, queries, k, query_batch, exclude_self=exclude_self,

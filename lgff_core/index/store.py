@@ -74,17 +74,29 @@ class IdMap:
     def __init__(self, source: pa.Table | str):
         self._table = source if isinstance(source, pa.Table) else None
         self._path = None if isinstance(source, pa.Table) else str(source)
-        if self._table is not None:
-            cols = {c: self._table.column(c) for c in ("label", "group", "split")}
-            self.num_rows = self._table.num_rows
-        else:
-            pf = pq.ParquetFile(self._path)
-            self.num_rows = pf.metadata.num_rows
-            t = pq.read_table(self._path, columns=["label", "group", "split"], read_dictionary=["group", "split"])
-            cols = {c: t.column(c) for c in ("label", "group", "split")}
-        self.labels = cols["label"].to_numpy().astype(np.int64) if self.num_rows else np.empty(0, np.int64)
-        self.group_codes, self.group_names = _codes(cols["group"])
+        cols = self._columns(["label", "split"])
+        self.num_rows = len(cols["label"])
+        # 4 + 1..4 bytes per database row; group codes only when a search excludes same-group rows
+        self.labels = cols["label"].to_numpy().astype(np.int32, copy=False) if self.num_rows else np.empty(0, np.int32)
         self.split_codes, self.split_names = _codes(cols["split"])
+        self._groups = None
+
+    def _columns(self, names: list[str]) -> dict:
+        if self._table is not None:
+            return {c: self._table.column(c) for c in names}
+        t = pq.read_table(self._path, columns=names, read_dictionary=[c for c in names if c != "label"])
+        return {c: t.column(c) for c in names}
+
+    @property
+    def group_codes(self) -> np.ndarray:
+        if self._groups is None:
+            self._groups = _codes(self._columns(["group"])["group"])
+        return self._groups[0]
+
+    @property
+    def group_names(self) -> list:
+        self.group_codes
+        return self._groups[1]
 
     def _row_groups(self):
         """(first row, table) per row group (one in-memory table = one group)."""
@@ -142,7 +154,8 @@ def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list]:
         col = pc.dictionary_encode(col)
     chunks = col.unify_dictionaries().chunks
     names = chunks[0].dictionary.to_pylist()
-    codes = np.concatenate([c.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32) for c in chunks])
+    dtype = np.int8 if len(names) < 127 else np.int32
+    codes = np.concatenate([c.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(dtype) for c in chunks])
     return codes, names
 
 
