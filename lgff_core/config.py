@@ -188,10 +188,15 @@ class IndexConfig:
     factory: str = "Flat"
     # "ip" (inner product on L2-normalised vectors = cosine) or "l2"
     metric: str = "ip"
+    # IVF lists visited per query (recorded in index.json at build; `--nprobe` overrides at search)
     nprobe: int = 16
     ef_search: int = 64
-    # number of vectors used to train a quantizer (IVF/PQ); None = all
+    # number of vectors used to train a quantizer (IVF/PQ): a seeded random sample, streamed; None = all
     train_sample: Optional[int] = 100000
+    # Flat / HNSW / refine indexes keep every vector in RAM: refused above this many (IVF lists go on disk)
+    max_in_ram_vectors: int = 2_000_000
+    # rows per partial when a one-shot IVF build or an append encodes block by block
+    block_rows: int = 250_000
     k: int = 10
     exclude_self: bool = True
     exclude_same_group: bool = False
@@ -204,8 +209,15 @@ class EvaluateConfig:
     query_split: str = "test"
     database_split: str = "train"
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    # neighbours per query when evaluating through an index; None = rank the whole database (full mAP)
+    # neighbours per query when evaluating through an index; None = rank the whole database (full mAP) while
+    # n_queries x database <= max_full_ranking, else k_at_scale
     k: Optional[int] = None
+    max_full_ranking: int = 20_000_000
+    k_at_scale: int = 100
+    # queries evaluated: a seeded sample stratified by class when the query split has more; None = all
+    max_queries: Optional[int] = 10000
+    # queries searched at a time (bounds the results held: query_batch x k)
+    query_batch: int = 1024
     # majority vote cut-off (mMV@k, SISH / RetCCL report k=5)
     mv_k: int = 5
     # also drop database rows from the query's group (scan / slide): leakage-free numbers
@@ -416,6 +428,9 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# a bounded k keeps evaluation results at n_queries x k; the whole ranking is `evaluate.k: null` (small sets)
+MAX_EVALUATE_K = 10000
+
 _CHOICES = {
     "model.kind": ("embedding", "detection"),
     "model.neck": ("lgffn_e", "lgffn_d", "bifpn"),
@@ -441,7 +456,9 @@ def _check_choices(cfg: LGFFConfig, origin: str) -> None:
     positive = ("model.channels", "model.num_layers", "train.epochs", "train.batch_size", "loss.num_subcenters",
                 "model.det_detections_per_img", "evaluate.det_max_dets",
                 "explain.num_queries", "explain.top", "explain.batch_size", "explain.ratio_channels", "serve.k",
-                "serve.max_instances", "serve.max_image_bytes", "serve.max_image_pixels")
+                "serve.max_instances", "serve.max_image_bytes", "serve.max_image_pixels",
+                "index.nprobe", "index.max_in_ram_vectors", "index.block_rows", "evaluate.query_batch",
+                "evaluate.k_at_scale", "evaluate.max_full_ranking")
     for key in positive:
         if _get_dotted(cfg, key) <= 0:
             raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")
@@ -453,6 +470,11 @@ def _check_choices(cfg: LGFFConfig, origin: str) -> None:
     for key in ("pipeline.max_parallel", "pipeline.gpu_count"):
         if _get_dotted(cfg, key) < 0:
             raise ConfigError(f"{origin}: {key} must be >= 0, got {_get_dotted(cfg, key)}")
+    for key, top in (("evaluate.k", MAX_EVALUATE_K), ("evaluate.k_at_scale", MAX_EVALUATE_K),
+                     ("evaluate.max_queries", None), ("index.train_sample", None)):
+        value = _get_dotted(cfg, key)
+        if value is not None and (value < 1 or (top is not None and value > top)):
+            raise ConfigError(f"{origin}: {key} must be None or 1..{top or 'any'}, got {value}")
 
 
 # ----------------------------------------------------------------------------------------------- files / overrides

@@ -65,6 +65,7 @@ __all__ = [
     "retrieval_metrics",
     "revisited_average_precision",
     "revisited_map",
+    "sample_queries",
 ]
 
 
@@ -508,42 +509,85 @@ def evaluate_neighbours(neighbours_uri: str, protocol: str, ks: Sequence[int] = 
     return metrics_from_neighbours(table, meta, protocol, ks, mv_k, model)
 
 
+def sample_queries(labels: np.ndarray, max_queries: Optional[int], seed: int = 0) -> np.ndarray:
+    """Sorted positions of a seeded query sample stratified by class (all positions when there are few enough).
+
+    Each class gets its share of `max_queries` (largest remainders), at least one query while it has any, so
+    per-class numbers (eta_w) stay defined; the draw within a class is uniform without replacement.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if max_queries is None or n <= max_queries:
+        return np.arange(n)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = counts * (max_queries / n)
+    alloc = np.minimum(np.maximum(1, np.floor(quota)).astype(np.int64), counts)
+    for c in np.argsort(-(quota - np.floor(quota)), kind="stable"):
+        if alloc.sum() >= max_queries:
+            break
+        if alloc[c] < counts[c]:
+            alloc[c] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(inverse == c), size=int(alloc[c]), replace=False) for c in range(len(classes))]
+    return np.sort(np.concatenate(chosen))
+
+
 def evaluate_embeddings(embeddings_uri: str, protocol: str, *, index_uri: Optional[str] = None,
                         query_split: str = "test", database_split: str = "train", k: Optional[int] = None,
                         exclude_same_group: bool = False, ks: Sequence[int] = (1, 5, 10), mv_k: int = 5,
-                        model: Optional[str] = None, neighbours_out: Optional[str] = None) -> dict:
+                        model: Optional[str] = None, neighbours_out: Optional[str] = None,
+                        max_queries: Optional[int] = None, seed: int = 0, query_batch: Optional[int] = None,
+                        max_full_ranking: Optional[int] = None, k_at_scale: int = 100,
+                        max_in_ram: Optional[int] = None) -> dict:
     """`lgff evaluate retrieval --embeddings URI [--index URI]`: search, then the metrics.
 
     test-vs-train: queries = `query_split` rows, database = `database_split` rows.
     leave-one-out: queries = database = `query_split` rows, each query's own row excluded.
-    Without `index_uri` the database is searched exactly (Flat inner product). With it, the index's rows outside
-    the protocol's database split are excluded from the results (exactly, see `index.search_neighbours`).
-    ``k=None`` ranks the whole database, which full mAP needs.
+    Without `index_uri` the database is searched exactly (Flat inner product, in RAM: at most `max_in_ram` rows).
+    With it, the index's rows outside the protocol's database split are excluded from the results (exactly, see
+    `index.search_neighbours`). ``k=None`` ranks the whole database, which full mAP needs, unless
+    n_queries x database exceeds `max_full_ranking` (then k = `k_at_scale`).
+    Archive scale: only the queries are read (a seeded, class-stratified sample of at most `max_queries`) and they
+    are searched `query_batch` at a time; the result's ``sample`` says which sample was used.
     """
     from . import index as ix
     from .embeddings import read_embeddings
 
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    emb = read_embeddings(embeddings_uri)
-    queries = emb.with_split(query_split)
+    source = ix.EmbeddingsSource(embeddings_uri, query_split)
     db_split = query_split if protocol == "leave-one-out" else database_split
-    if len(queries) == 0:
+    n_total = source.num_rows
+    if n_total == 0:
         raise DataError(f"{embeddings_uri}: no queries (split {query_split!r}); splits present: "
-                        f"{sorted(set(emb.splits.tolist()))}")
+                        f"{_splits_present(embeddings_uri)}")
+    rows = sample_queries(source.column("label"), max_queries, seed)
+    queries = source.take(rows)
     if index_uri is None:
-        database = emb.with_split(db_split)
-        if len(database) == 0:
+        n_db = ix.EmbeddingsSource(embeddings_uri, db_split).num_rows
+        if n_db == 0:
             raise DataError(f"{embeddings_uri}: no database rows (split {db_split!r}); splits present: "
-                            f"{sorted(set(emb.splits.tolist()))}")
+                            f"{_splits_present(embeddings_uri)}")
+        if max_in_ram is not None and n_db > max_in_ram:
+            raise DataError(f"{embeddings_uri}: the {db_split!r} database has {n_db} rows, above "
+                            f"index.max_in_ram_vectors={max_in_ram} for an exact in-RAM search; build an index "
+                            f"(lgff index build --factory {ix.suggest_ivf(n_db, source.dim)}) and pass --index")
+        database = read_embeddings(embeddings_uri, split=db_split)
         bundle = ix.IndexBundle(ix.build_index(database.xb, "Flat"), ix.idmap_table(database),
                                 {"metric": "ip", "uri": None, "embeddings": str(embeddings_uri),
-                                 "label_names": emb.label_names})
+                                 "label_names": source.label_names})
+        del database
     else:
         bundle = ix.load_index(index_uri)
-    check_query_labels(queries.labels, bundle.labels[np.isin(bundle.splits, [db_split])], queries.ids)
-    table = ix.search_neighbours(bundle, queries, k, exclude_self=protocol == "leave-one-out",
-                                 exclude_same_group=exclude_same_group, database_split=db_split)
+    db_mask = bundle.split_mask(db_split)
+    check_query_labels(queries.labels, bundle.labels[db_mask], queries.ids)
+    if k is None and max_full_ranking is not None and len(queries) * int(db_mask.sum()) > max_full_ranking:
+        logger.warning("full ranking of %d queries x %d database rows exceeds evaluate.max_full_ranking=%d: "
+                       "using k=%d", len(queries), int(db_mask.sum()), max_full_ranking, k_at_scale)
+        k = k_at_scale
+    table = ix.search_neighbours_batched(bundle, queries, k, query_batch or len(queries),
+                                         exclude_self=protocol == "leave-one-out",
+                                         exclude_same_group=exclude_same_group, database_split=db_split)
     meta = json.loads(table.schema.metadata[b"lgff"])
     meta["query_split"] = query_split
     meta["embeddings"] = str(embeddings_uri)
@@ -552,7 +596,17 @@ def evaluate_embeddings(embeddings_uri: str, protocol: str, *, index_uri: Option
         ix.write_neighbours(table.replace_schema_metadata({"lgff": json.dumps(meta)}), neighbours_out)
     else:
         meta["uri"] = None
-    return metrics_from_neighbours(table, meta, protocol, ks, mv_k, model)
+    result = metrics_from_neighbours(table, meta, protocol, ks, mv_k, model)
+    result["sample"] = {"n_queries": int(len(queries)), "n_queries_total": int(n_total),
+                        "sampled": bool(len(queries) < n_total), "seed": int(seed), "stratified_by": "label",
+                        "max_queries": max_queries, "k": k, "query_batch": query_batch}
+    return result
+
+
+def _splits_present(embeddings_uri: str) -> list:
+    from .index import EmbeddingsSource
+
+    return sorted(set(EmbeddingsSource(embeddings_uri).column("split").tolist()))
 
 
 def _match_names(names: Sequence[str], ids: np.ndarray, what: str) -> np.ndarray:

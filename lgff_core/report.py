@@ -333,6 +333,15 @@ def pd_isna(v) -> bool:
     return bool(pd.isna(v)) if not isinstance(v, (list, tuple)) else False
 
 
+def _sample_note(data: dict) -> str:
+    """Which queries were evaluated when `lgff evaluate` sampled them (metrics.json ``sample``)."""
+    sample = data.get("sample") or {}
+    if not sample.get("sampled"):
+        return ""
+    return (f" (a seeded sample of the {sample['n_queries_total']} queries, stratified by "
+            f"{sample.get('stratified_by', 'label')}, seed {sample.get('seed')}, k {sample.get('k') or 'all'})")
+
+
 def _revisited_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     header = ["setup"] + [f"{r.name} mAP" for r in runs] + [f"{r.name} mP@10" for r in runs]
     rows = []
@@ -420,7 +429,8 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
         notes = "; ".join(f"{r.name}: " + (r.data.get("protocol_caption") or
                                            f"protocol {r.data.get('protocol')}, {r.data.get('n_queries')} queries, "
                                            f"database {r.data.get('database_size')}")
-                          + (", full ranking" if r.data.get("full_ranking") else "") for r in retrieval)
+                          + (", full ranking" if r.data.get("full_ranking") else "") + _sample_note(r.data)
+                          for r in retrieval)
         md += [f"_{notes}_", ""]
         body.append(f"<p class='meta'>{html.escape(notes)}</p>")
         md += ["Definitions:", ""] + [f"- **{name}**: {text}" for name, text in METRIC_DEFINITIONS] + [""]

@@ -52,6 +52,10 @@ def register(subparsers) -> None:
     r.add_argument("--database-split", help="--embeddings, test-vs-train only (default: config evaluate.database_split)")
     r.add_argument("--exclude-same-group", action="store_true", help="--embeddings only")
     r.add_argument("--neighbors-out", help="--embeddings only: also write the full-ranking neighbours Parquet")
+    r.add_argument("--max-queries", type=int, help="--embeddings only: evaluate a seeded class-stratified sample of "
+                                                   "at most this many queries (default: config evaluate.max_queries)")
+    r.add_argument("--query-batch", type=int, help="--embeddings only: queries searched at a time "
+                                                   "(default: config evaluate.query_batch)")
     add_config_args(r)
     r.set_defaults(func=_retrieval)
 
@@ -99,10 +103,17 @@ def _retrieval(args) -> int:
                                      database_split=args.database_split or cfg.evaluate.database_split,
                                      k=args.k if args.k is not None else cfg.evaluate.k,
                                      exclude_same_group=args.exclude_same_group or cfg.evaluate.exclude_same_group,
-                                     ks=ks, mv_k=cfg.evaluate.mv_k, model=args.model, neighbours_out=neighbours_out)
+                                     ks=ks, mv_k=cfg.evaluate.mv_k, model=args.model, neighbours_out=neighbours_out,
+                                     max_queries=args.max_queries or cfg.evaluate.max_queries, seed=cfg.seed,
+                                     query_batch=args.query_batch or cfg.evaluate.query_batch,
+                                     max_full_ranking=cfg.evaluate.max_full_ranking,
+                                     k_at_scale=cfg.evaluate.k_at_scale, max_in_ram=cfg.index.max_in_ram_vectors)
     written = write_metrics(result, metrics_uri)
     m, ci = result["metrics"], result.get("ci95", {})
-    print(f"{result['model']} / {result.get('protocol_caption', protocol)}")
+    sample = result.get("sample") or {}
+    sampled = (f" (seeded sample of {sample['n_queries_total']}, seed {sample['seed']})"
+               if sample.get("sampled") else "")
+    print(f"{result['model']} / {result.get('protocol_caption', protocol)}: {result['n_queries']} queries{sampled}")
     for key, value in m.items():
         if isinstance(value, float):
             band = f"  95% CI [{_fmt(ci[key][0]).strip()}, {_fmt(ci[key][1]).strip()}]" if key in ci else ""

@@ -1,11 +1,16 @@
-"""`lgff index build|train|add|merge|search`: faiss index over an embeddings set (lgff_core.index).
+"""`lgff index build|train|add|merge|search|remove`: faiss index over an embeddings set (lgff_core.index).
 
 One shot:  lgff index build --embeddings E --out IDX [--factory Flat] [--split train]
-Sharded:   lgff index train --embeddings E --factory IVF1024,Flat --out T
+           (IVF factories stream: sample-train, encode block by block, inverted lists on disk)
+Sharded:   lgff index train --embeddings E --factory IVF1024,SQ8 --out T
            lgff index add --trained T --embeddings E --shard I/N --out P_I      (N independent jobs)
+           lgff index add --trained T --embeddings E --rows A:B --out P        (or blocks of selected rows)
            lgff index merge --trained T --partials P_0 ... P_N-1 --out IDX
+Append:    lgff index add --to IDX --embeddings NEW --out IDX2                  (new version, parent = IDX)
+Remove:    lgff index remove --index IDX --ids IDS.txt --out IDX2               (one sample_id per line, or Parquet)
 Search:    lgff index search --index IDX --queries E --k 10 --out N.parquet [--exclude-self] [--exclude-same-group]
            [--query-split test]   (--k all = the full ranking)
+Flat / HNSW above index.max_in_ram_vectors are refused with an IVF factory that fits.
 """
 from __future__ import annotations
 
@@ -34,6 +39,16 @@ def parse_k(text: str):
     if k < 1:
         raise argparse.ArgumentTypeError(f"--k {text!r}: must be >= 1")
     return k
+
+
+def parse_rows(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rows {text!r}: expected START:STOP, e.g. 0:250000") from None
+    if not 0 <= a <= b:
+        raise argparse.ArgumentTypeError(f"--rows {text!r}: need 0 <= START <= STOP")
+    return a, b
 
 
 def _splits(value):
@@ -69,19 +84,31 @@ def register(subparsers) -> None:
     add_config_args(t)
     t.set_defaults(func=_train)
 
-    a = sub.add_parser("add", help="partial index over embeddings shard block I of N")
-    a.add_argument("--trained", required=True, help="URI written by `lgff index train`")
+    a = sub.add_parser("add", help="partial index over a block (--trained), or append to an index (--to)")
+    target = a.add_mutually_exclusive_group(required=True)
+    target.add_argument("--trained", help="URI written by `lgff index train`: write a partial index of one block")
+    target.add_argument("--to", help="an index URI: append the embeddings to it as a new index at --out")
     a.add_argument("--embeddings", required=True)
-    a.add_argument("--shard", required=True, type=parse_shard, metavar="I/N")
-    a.add_argument("--out", required=True, help="partial-index URI (prefix)")
-    a.add_argument("--split", help="default: the split the index was trained for")
+    block = a.add_mutually_exclusive_group()
+    block.add_argument("--shard", type=parse_shard, metavar="I/N", help="--trained: embeddings shards block I of N")
+    block.add_argument("--rows", type=parse_rows, metavar="A:B", help="--trained: selected rows [A, B)")
+    a.add_argument("--out", required=True, help="partial-index URI (--trained) or the new index URI (--to)")
+    a.add_argument("--split", help="default: the split the index was trained for (--to: every row)")
+    add_config_args(a)
     a.set_defaults(func=_add)
 
     m = sub.add_parser("merge", help="merge N partial indexes into the final index")
     m.add_argument("--trained", required=True)
     m.add_argument("--partials", required=True, nargs="+", help="URIs written by `lgff index add` (all N)")
     m.add_argument("--out", required=True)
+    add_config_args(m)
     m.set_defaults(func=_merge)
+
+    r = sub.add_parser("remove", help="a new index without some sample ids")
+    r.add_argument("--index", required=True)
+    r.add_argument("--ids", required=True, help="text file with one sample_id per line, or Parquet with sample_id")
+    r.add_argument("--out", required=True, help="the new index URI (the parent stays as it is)")
+    r.set_defaults(func=_remove)
 
     s = sub.add_parser("search", help="k nearest neighbours of query embeddings -> neighbours Parquet")
     s.add_argument("--index", required=True)
@@ -96,6 +123,7 @@ def register(subparsers) -> None:
                    help="drop database items from the query's group (scan / slide)")
     s.add_argument("--nprobe", type=int)
     s.add_argument("--ef-search", type=int)
+    s.add_argument("--query-batch", type=int, help="queries searched at a time (default: config evaluate.query_batch)")
     add_config_args(s)
     s.set_defaults(func=_search)
 
@@ -107,7 +135,8 @@ def _build(args) -> int:
     meta = build_from_embeddings(args.embeddings, args.out, args.factory or cfg.index.factory,
                                  args.metric or cfg.index.metric, _splits(args.split),
                                  args.train_sample if args.train_sample is not None else cfg.index.train_sample,
-                                 cfg.seed)
+                                 cfg.seed, nprobe=cfg.index.nprobe, max_in_ram=cfg.index.max_in_ram_vectors,
+                                 block_rows=cfg.index.block_rows)
     print(f"index {meta['factory']} with {meta['ntotal']} vectors of dimension {meta['d']} -> {args.out}")
     return 0
 
@@ -119,24 +148,46 @@ def _train(args) -> int:
     meta = train_from_embeddings(args.embeddings, args.out, args.factory or cfg.index.factory,
                                  args.metric or cfg.index.metric, _splits(args.split),
                                  args.train_sample if args.train_sample is not None else cfg.index.train_sample,
-                                 cfg.seed)
+                                 cfg.seed, nprobe=cfg.index.nprobe, max_in_ram=cfg.index.max_in_ram_vectors)
     print(f"trained {meta['factory']} on {meta['trained_on']} vectors -> {args.out}")
     return 0
 
 
 def _add(args) -> int:
-    from ..index import add_from_embeddings
+    from ..errors import IndexError_
+    from ..index import add_from_embeddings, append_to_index
 
-    meta = add_from_embeddings(args.trained, args.embeddings, args.out, args.shard, _splits(args.split))
-    print(f"partial {args.shard[0]}/{args.shard[1]}: {meta['ntotal']} vectors -> {args.out}")
+    if args.to:
+        if args.shard or args.rows:
+            raise IndexError_("--to appends a whole embeddings set: --shard / --rows are for --trained")
+        cfg = load_args_config(args)
+        meta = append_to_index(args.to, args.embeddings, args.out, _splits(args.split),
+                               block_rows=cfg.index.block_rows, max_in_ram=cfg.index.max_in_ram_vectors)
+        print(f"appended {meta['holds'][-1]['rows']} vectors to {args.to}: {meta['ntotal']} vectors -> {args.out}")
+        return 0
+    if not (args.shard or args.rows):
+        raise IndexError_("--trained needs the block: --shard I/N or --rows A:B")
+    meta = add_from_embeddings(args.trained, args.embeddings, args.out, args.shard, _splits(args.split),
+                               rows=args.rows)
+    block = f"{args.shard[0]}/{args.shard[1]}" if args.shard else f"rows {meta['rows'][0]}:{meta['rows'][1]}"
+    print(f"partial {block}: {meta['ntotal']} vectors -> {args.out}")
     return 0
 
 
 def _merge(args) -> int:
     from ..index import merge_partials
 
-    meta = merge_partials(args.trained, args.partials, args.out)
+    cfg = load_args_config(args)
+    meta = merge_partials(args.trained, args.partials, args.out, max_in_ram=cfg.index.max_in_ram_vectors)
     print(f"merged {meta['merged_from']} partials: {meta['ntotal']} vectors -> {args.out}")
+    return 0
+
+
+def _remove(args) -> int:
+    from ..index import remove_from_index
+
+    meta = remove_from_index(args.index, args.ids, args.out)
+    print(f"removed {meta['removed']} vectors from {args.index}: {meta['ntotal']} vectors -> {args.out}")
     return 0
 
 
@@ -150,6 +201,7 @@ def _search(args) -> int:
     out = search_to_parquet(args.index, args.queries, args.out, k, query_split=args.query_split,
                             exclude_self=exclude_self, exclude_same_group=exclude_group,
                             nprobe=args.nprobe if args.nprobe is not None else cfg.index.nprobe,
-                            ef_search=args.ef_search if args.ef_search is not None else cfg.index.ef_search)
+                            ef_search=args.ef_search if args.ef_search is not None else cfg.index.ef_search,
+                            query_batch=args.query_batch or cfg.evaluate.query_batch)
     print(f"{out['n_queries']} queries, k={out['k'] or 'all'} -> {args.out}")
     return 0

@@ -1,4 +1,4 @@
-"""faiss index: build / train / add / merge / search, with the id map stored beside the index.
+"""faiss index core: vectors, build / train / add / merge in RAM, exact tie-broken search, neighbours tables.
 
 Plain functions over float32 numpy with faiss's names: ``xb`` (nb, d) database, ``xq`` (nq, d) queries,
 ``xt`` training sample, ``k`` neighbours, ``D`` (nq, k) scores, ``I`` (nq, k) database positions, ``metric``
@@ -7,26 +7,21 @@ Plain functions over float32 numpy with faiss's names: ``xb`` (nb, d) database, 
 Any `faiss.index_factory` string works ("Flat", "HNSW32", "IVF256,Flat", "IVF4096,PQ64", "IVF1024,PQ64x4fs,RFlat").
 Database position p (0-based row of the id map) is the faiss id of a vector, for one-shot and sharded builds alike.
 
-Sharded build for large archives (faiss contrib/ondisk style): `train_index` on a sample once; `add_shard` for each
-contiguous block of embeddings shards independently (each a partial index with local ids 0..n_i-1); `merge_shards`
-concatenates the partials in shard order. Pure IVF indexes merge their inverted lists (`IndexIVF.merge_from` with the
-id offset); any other index type (Flat, HNSW, refine wrappers, ...) keeps the raw vectors in the partial (an IndexFlat)
-and the merge adds their concatenation, in shard order, to the trained index in one call (so an HNSW graph is
-built exactly as in a one-shot build; this needs the whole database in memory, as those index types do anyway). Either way the result searches like a one-shot build.
+In-RAM sharded build: `train_index` on a sample once; `add_shard` per contiguous block (a partial index with local
+ids 0..n_i-1); `merge_shards` concatenates the partials in order. Pure IVF indexes merge their inverted lists
+(`IndexIVF.merge_from` with the id offset); any other index type (Flat, HNSW, refine wrappers, ...) keeps the raw
+vectors in the partial (an IndexFlat) and the merge adds their concatenation to the trained index in one call (so an
+HNSW graph is built exactly as in a one-shot build). Archive-scale IVF builds with inverted lists on disk live in
+`lgff_core.index.ondisk`.
 
 Ranking and ties: results are ordered by score (descending for "ip", ascending distance for "l2"), ties broken by
 database position ascending. To make that exact at the k-th place, a search that finds the score at the last
 returned place equal to the k-th kept score widens the search (doubling, up to the whole database).
-
-On-storage layout of an index URI (a prefix): ``index.faiss``, ``idmap.parquet`` (sample_id, label, group, split,
-in database order), ``index.json`` (factory, metric, d, ntotal, label_names, source embeddings) written last.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -35,37 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .embeddings import EmbeddingTable, check_vectors
-from .errors import DataError, IndexError_
+from .. import storage
+from ..embeddings import EmbeddingTable, check_vectors
+from ..errors import DataError, IndexError_
+from .store import IndexBundle, code_of
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "INDEX_FILE",
-    "IDMAP_FILE",
-    "META_FILE",
-    "faiss_metric",
-    "prepare_vectors",
-    "new_index",
-    "train_index",
-    "build_index",
-    "add_shard",
-    "merge_shards",
-    "set_search_params",
-    "search",
-    "IndexBundle",
-    "idmap_table",
-    "save_index",
-    "load_index",
-    "search_neighbours",
-    "write_neighbours",
-    "read_neighbours",
-]
-
-INDEX_FILE = "index.faiss"
-IDMAP_FILE = "idmap.parquet"
-META_FILE = "index.json"
 
 
 def faiss_metric(metric: str) -> int:
@@ -244,84 +214,6 @@ def search(index: faiss.Index, xq: np.ndarray, k: int, *, exclude: Optional[call
     return D_out, I_out
 
 
-# ------------------------------------------------------------------------------------------------ storage
-
-
-class IndexBundle:
-    """A loaded index with its id map (database order) and metadata."""
-
-    def __init__(self, index: faiss.Index, idmap: pa.Table, meta: dict):
-        if idmap.num_rows != index.ntotal:
-            raise IndexError_(f"id map has {idmap.num_rows} rows but the index holds {index.ntotal} vectors"
-                              + (f" ({meta['uri']})" if meta.get("uri") else ""))
-        self.index = index
-        self.idmap = idmap
-        self.meta = meta
-        self.ids = np.asarray(idmap.column("sample_id").to_pylist(), dtype=object)
-        self.labels = idmap.column("label").to_numpy().astype(np.int64)
-        self.groups = np.asarray(idmap.column("group").to_pylist(), dtype=object)
-        self.splits = np.asarray(idmap.column("split").to_pylist(), dtype=object)
-
-    @property
-    def metric(self) -> str:
-        return self.meta.get("metric", "ip")
-
-
-def idmap_table(table: EmbeddingTable) -> pa.Table:
-    return pa.table({
-        "sample_id": pa.array(list(table.ids), pa.string()),
-        "label": pa.array(table.labels.astype(np.int32), pa.int32()),
-        "group": pa.array(list(table.groups), pa.string()),
-        "split": pa.array(list(table.splits), pa.string()),
-    })
-
-
-def _write_faiss(index: faiss.Index, uri: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="lgff-index-") as tmp:
-        path = os.path.join(tmp, INDEX_FILE)
-        faiss.write_index(index, path)
-        storage.upload_file(path, uri)
-
-
-def _read_faiss(uri: str) -> faiss.Index:
-    if not storage.exists(uri):
-        raise IndexError_(f"{uri}: no such index file")
-    if storage.is_local(uri):
-        return faiss.read_index(storage.local_path(uri))
-    with tempfile.TemporaryDirectory(prefix="lgff-index-") as tmp:
-        path = os.path.join(tmp, INDEX_FILE)
-        with open(path, "wb") as f:
-            f.write(storage.read_bytes(uri))
-        return faiss.read_index(path)
-
-
-def save_index(index: faiss.Index, idmap: pa.Table, out_uri: str, meta: dict) -> dict:
-    """Write index.faiss, idmap.parquet, then index.json (last: its presence means the index is complete)."""
-    if idmap.num_rows != index.ntotal:
-        raise IndexError_(f"id map has {idmap.num_rows} rows but the index holds {index.ntotal} vectors")
-    _write_faiss(index, storage.join(out_uri, INDEX_FILE))
-    with storage.atomic_output(storage.join(out_uri, IDMAP_FILE)) as f:
-        pq.write_table(idmap, f)
-    meta = {**meta, "d": int(index.d), "ntotal": int(index.ntotal), "index_type": type(faiss.downcast_index(index)).__name__}
-    storage.write_text(storage.join(out_uri, META_FILE), json.dumps(meta, indent=2, sort_keys=True))
-    return meta
-
-
-def load_index(uri: str) -> IndexBundle:
-    meta_uri = storage.join(uri, META_FILE)
-    if not storage.exists(meta_uri):
-        raise IndexError_(f"{uri}: no {META_FILE}; not an index (or its build did not finish)")
-    meta = json.loads(storage.read_text(meta_uri))
-    index = _read_faiss(storage.join(uri, INDEX_FILE))
-    idmap_uri = storage.join(uri, IDMAP_FILE)
-    if not storage.exists(idmap_uri):
-        raise IndexError_(f"{uri}: no {IDMAP_FILE}")
-    with storage.open_input_file(idmap_uri) as f:
-        idmap = pq.read_table(f)
-    meta["uri"] = str(uri)
-    return IndexBundle(index, idmap, meta)
-
-
 # ------------------------------------------------------------------------------------------------ neighbours
 
 
@@ -342,25 +234,26 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
     index = bundle.index
     xq = prepare_vectors(queries.xb, bundle.metric, index.d, where="queries")
     set_search_params(index, nprobe, ef_search, k_factor_rf)
+    idmap = bundle.rows
     if database_split is None:
         allowed = np.ones(index.ntotal, dtype=bool)
     else:
-        allowed = np.isin(bundle.splits, [database_split] if isinstance(database_split, str) else database_split)
+        allowed = bundle.split_mask(database_split)
         if not allowed.any():
             raise IndexError_(f"the index holds no rows of split {database_split!r} "
-                              f"(splits: {sorted(set(bundle.splits.tolist()))})")
-    db_pos = {sid: p for p, sid in enumerate(bundle.ids)}
-    self_pos = np.array([db_pos.get(s, -1) for s in queries.ids], dtype=np.int64)
-    _, group_codes = np.unique(np.concatenate([bundle.groups, queries.groups]).astype(str), return_inverse=True)
-    db_group, q_group = group_codes[:len(bundle.groups)], group_codes[len(bundle.groups):]
+                              f"(splits: {sorted(n for n in idmap.split_names if n is not None)})")
+    # database-side facts are per-row integer codes: the sample_id strings stay in the id map's Parquet
+    self_pos = idmap.find(list(queries.ids)) if exclude_self else np.full(len(queries), -1, np.int64)
+    db_group = idmap.group_codes if exclude_same_group else None
+    q_group = code_of(idmap.group_names, list(queries.groups)) if exclude_same_group else None
     db_labels = bundle.labels
 
     top = int(max(db_labels.max(initial=0), queries.labels.max(initial=0))) + 1
     n_excluded = np.zeros(len(queries), dtype=np.int64)
     n_excluded_rel = np.zeros(len(queries), dtype=np.int64)
     if exclude_same_group:
-        group_count = np.bincount(db_group[allowed], minlength=group_codes.max() + 1)
-        n_excluded = group_count[q_group]
+        group_count = np.bincount(db_group[allowed & (db_group >= 0)], minlength=len(idmap.group_names) + 1)
+        n_excluded = np.where(q_group >= 0, group_count[np.maximum(q_group, 0)], 0)
         # database rows sharing the query's (group, label): relevant items lost to the group exclusion
         pair_codes, pair_counts = np.unique(db_group[allowed].astype(np.int64) * (top + 1) + db_labels[allowed] + 1,
                                             return_counts=True)
@@ -371,7 +264,7 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
         safe_self = np.maximum(self_pos, 0)
         in_db = (self_pos >= 0) & allowed[safe_self]
         # self is in its own group: only count it when the group is not already excluded
-        self_extra = in_db & ~(exclude_same_group & (db_group[safe_self] == q_group))
+        self_extra = in_db & ~((db_group[safe_self] == q_group) if exclude_same_group else False)
         n_excluded = n_excluded + self_extra
         n_excluded_rel = n_excluded_rel + (self_extra & (db_labels[safe_self] == queries.labels))
     label_count = np.bincount(db_labels[allowed & (db_labels >= 0)], minlength=top)
@@ -408,15 +301,16 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
         D, I = search(index, xq, k, exclude=use_exclude, max_excluded=max_excluded)
     logger.info("searched %d queries (k=%s) in %.2f s", len(queries), "all" if full else k, time.perf_counter() - t0)
 
-    rows_ids, rows_labels, rows_groups, rows_scores, rows_pos = [], [], [], [], []
-    for q in range(len(queries)):
-        keep = I[q] >= 0
-        pos = I[q][keep]
-        rows_pos.append(pos)
-        rows_ids.append(bundle.ids[pos].tolist())
-        rows_labels.append(bundle.labels[pos].astype(np.int32))
-        rows_groups.append(bundle.groups[pos].tolist())
-        rows_scores.append(D[q][keep].astype(np.float32))
+    keep = I >= 0
+    flat_pos = I[keep]
+    ids_flat = idmap.take("sample_id", flat_pos)
+    groups_flat = idmap.take("group", flat_pos)
+    cuts = np.cumsum(keep.sum(axis=1))[:-1]
+    rows_pos = np.split(flat_pos, cuts)
+    rows_ids = [r.tolist() for r in np.split(ids_flat, cuts)]
+    rows_groups = [r.tolist() for r in np.split(groups_flat, cuts)]
+    rows_labels = [r.astype(np.int32) for r in np.split(db_labels[flat_pos], cuts)]
+    rows_scores = [r.astype(np.float32) for r in np.split(D[keep], cuts)]
     table = pa.table({
         "sample_id": pa.array(list(queries.ids), pa.string()),
         "label": pa.array(queries.labels.astype(np.int32), pa.int32()),
@@ -443,13 +337,28 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
         "database_splits": sorted({str(v) for v in np.asarray(bundle.splits)[allowed].tolist()}),
         "index": bundle.meta.get("uri"),
         "embeddings": bundle.meta.get("embeddings"),
-        "database_labels": sorted(set(db_labels[allowed].tolist())),
+        "database_labels": np.unique(db_labels[allowed]).tolist(),
         "label_names": bundle.meta.get("label_names") or queries.label_names,
         "queries": queries.meta.get("uri"),
         "dataset": queries.meta.get("source") or bundle.meta.get("source"),
         "model": queries.meta.get("model") or bundle.meta.get("model"),
     }
     return table.replace_schema_metadata({"lgff": json.dumps(meta)})
+
+
+def search_neighbours_batched(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[int], batch: int,
+                              **kwargs) -> pa.Table:
+    """`search_neighbours` over query batches of `batch` rows (each batch holds at most batch x k results, or
+    batch x database for a full ranking); the same table as one call."""
+    batch = max(1, int(batch or len(queries)))
+    tables, metas = [], []
+    for q0 in range(0, len(queries), batch):
+        t = search_neighbours(bundle, queries.subset(np.arange(q0, min(len(queries), q0 + batch))), k, **kwargs)
+        metas.append(json.loads(t.schema.metadata[b"lgff"]))
+        tables.append(t.replace_schema_metadata(None))
+    meta = metas[0]
+    meta["full_ranking"] = all(m["full_ranking"] for m in metas)
+    return pa.concat_tables(tables).replace_schema_metadata({"lgff": json.dumps(meta)})
 
 
 def write_neighbours(table: pa.Table, uri: str) -> None:
@@ -471,145 +380,3 @@ def read_neighbours(uri: str) -> tuple[pa.Table, dict]:
     return table, meta
 
 
-# ------------------------------------------------------------------------------------------------ stages (CLI / kfp)
-
-TRAINED_FILE = "trained.faiss"
-PARTIAL_META = "partial.json"
-
-
-def shard_range(num_items: int, index: int, count: int) -> range:
-    """Contiguous block `index` of `count` over `num_items` (faiss contrib (nsplit, rank) convention)."""
-    if count < 1 or not 0 <= index < count:
-        raise IndexError_(f"shard {index}/{count}: need 0 <= I < N")
-    return range(num_items * index // count, num_items * (index + 1) // count)
-
-
-def _source_meta(emb: EmbeddingTable, embeddings_uri: str, factory: str, metric: str, split) -> dict:
-    return {"factory": factory, "metric": metric, "embeddings": str(embeddings_uri), "split": split,
-            "label_names": list(emb.label_names), "model": emb.meta.get("model"), "source": emb.meta.get("source")}
-
-
-def build_from_embeddings(embeddings_uri: str, out_uri: str, factory: str = "Flat", metric: str = "ip",
-                          split: Optional[str | Sequence[str]] = None, train_sample: Optional[int] = None,
-                          seed: int = 0) -> dict:
-    """`lgff index build`: one-shot index over (the `split` rows of) an embeddings set."""
-    from .embeddings import read_embeddings
-
-    emb = read_embeddings(embeddings_uri, split=split)
-    if len(emb) == 0:
-        raise IndexError_(f"{embeddings_uri}: no embeddings" + (f" in split {split!r}" if split else ""))
-    index = build_index(emb.xb, factory, metric, train_sample, seed)
-    return save_index(index, idmap_table(emb), out_uri, _source_meta(emb, embeddings_uri, factory, metric, split))
-
-
-def train_from_embeddings(embeddings_uri: str, out_uri: str, factory: str, metric: str = "ip",
-                          split: Optional[str | Sequence[str]] = None, train_sample: Optional[int] = 100000,
-                          seed: int = 0) -> dict:
-    """`lgff index train`: the empty trained index (quantizers) on a sample, for sharded adds."""
-    from .embeddings import read_embeddings, read_embeddings_manifest, read_embeddings_shard
-
-    # one shard at a time, keeping only the sampled rows: memory = one shard + the sample, not the archive
-    manifest = read_embeddings_manifest(embeddings_uri)
-    wanted = None if split is None else ([split] if isinstance(split, str) else list(split))
-    sizes = []
-    for entry in manifest["shards"]:
-        if wanted is None:
-            sizes.append(int(entry["num_rows"]))
-        else:
-            col = read_embeddings_shard(storage.resolve(embeddings_uri, entry["name"]), 0, columns=["split"])
-            sizes.append(int(np.isin(np.asarray(col.column("split").to_pylist(), dtype=object), wanted).sum()))
-    total = int(sum(sizes))
-    if total == 0:
-        raise IndexError_(f"{embeddings_uri}: no embeddings to train on" + (f" in split {split!r}" if split else ""))
-    chosen = _sample_rows(total, train_sample, seed)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    blocks, emb = [], None
-    for i in range(len(sizes)):
-        rows = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
-        if len(rows):
-            emb = read_embeddings(embeddings_uri, split=split, shards=[i])
-            blocks.append(emb.xb[rows])
-    xt = prepare_vectors(np.concatenate(blocks), metric, where="training sample")
-    index = train_index(xt, factory, metric, seed)
-    _write_faiss(index, storage.join(out_uri, TRAINED_FILE))
-    meta = {**_source_meta(emb, embeddings_uri, factory, metric, split), "d": int(index.d), "trained_on": len(xt)}
-    storage.write_text(storage.join(out_uri, META_FILE), json.dumps(meta, indent=2, sort_keys=True))
-    return meta
-
-
-def _load_trained(trained_uri: str) -> tuple[faiss.Index, dict]:
-    meta_uri = storage.join(trained_uri, META_FILE)
-    if not storage.exists(meta_uri):
-        raise IndexError_(f"{trained_uri}: no {META_FILE}; run `lgff index train` first")
-    return _read_faiss(storage.join(trained_uri, TRAINED_FILE)), json.loads(storage.read_text(meta_uri))
-
-
-def add_from_embeddings(trained_uri: str, embeddings_uri: str, out_uri: str, shard: tuple[int, int],
-                        split: Optional[str | Sequence[str]] = None) -> dict:
-    """`lgff index add --shard I/N`: partial index over contiguous embeddings shards block I of N."""
-    from .embeddings import read_embeddings, read_embeddings_manifest
-
-    trained, tmeta = _load_trained(trained_uri)
-    n_shards = len(read_embeddings_manifest(embeddings_uri)["shards"])
-    block = shard_range(n_shards, *shard)
-    emb = read_embeddings(embeddings_uri, split=split if split is not None else tmeta.get("split"), shards=block)
-    partial = add_shard(trained, emb.xb, tmeta["metric"]) if len(emb) else add_shard(
-        trained, np.empty((0, trained.d), np.float32), tmeta["metric"])
-    _write_faiss(partial, storage.join(out_uri, INDEX_FILE))
-    with storage.atomic_output(storage.join(out_uri, IDMAP_FILE)) as f:
-        pq.write_table(idmap_table(emb), f)
-    meta = {"shard": list(shard), "embeddings_shards": [block.start, block.stop], "ntotal": int(partial.ntotal),
-            "trained": str(trained_uri), "embeddings": str(embeddings_uri)}
-    storage.write_text(storage.join(out_uri, PARTIAL_META), json.dumps(meta, indent=2, sort_keys=True))
-    return meta
-
-
-def merge_partials(trained_uri: str, partial_uris: Sequence[str], out_uri: str) -> dict:
-    """`lgff index merge`: all N partials (any order on input; merged in shard order) -> the final index."""
-    trained, tmeta = _load_trained(trained_uri)
-    loaded = []
-    for uri in partial_uris:
-        meta_uri = storage.join(uri, PARTIAL_META)
-        if not storage.exists(meta_uri):
-            raise IndexError_(f"{uri}: no {PARTIAL_META}; that `lgff index add` did not finish")
-        loaded.append((json.loads(storage.read_text(meta_uri)), uri))
-    if not loaded:
-        raise IndexError_("no partial indexes to merge")
-    n = loaded[0][0]["shard"][1]
-    got = sorted(m["shard"][0] for m, _ in loaded)
-    if any(m["shard"][1] != n for m, _ in loaded) or got != list(range(n)):
-        raise IndexError_(f"partials cover shards {got} of {[m['shard'][1] for m, _ in loaded]}; need each of 0..{n - 1} once")
-    loaded.sort(key=lambda mu: mu[0]["shard"][0])
-    partials, idmaps = [], []
-    for meta, uri in loaded:
-        part = _read_faiss(storage.join(uri, INDEX_FILE))
-        with storage.open_input_file(storage.join(uri, IDMAP_FILE)) as f:
-            idmap = pq.read_table(f)
-        if idmap.num_rows != part.ntotal:
-            raise IndexError_(f"{uri}: id map has {idmap.num_rows} rows but the partial holds {part.ntotal} vectors")
-        partials.append(part)
-        idmaps.append(idmap)
-    index = merge_shards(trained, partials)
-    idmap = pa.concat_tables(idmaps)
-    meta = {k: v for k, v in tmeta.items() if k not in ("d", "trained_on")}
-    return save_index(index, idmap, out_uri, {**meta, "merged_from": len(partials)})
-
-
-def search_to_parquet(index_uri: str, queries_uri: str, out_uri: str, k: Optional[int], *,
-                      query_split: Optional[str] = None, exclude_self: bool = False,
-                      exclude_same_group: bool = False, nprobe: Optional[int] = None,
-                      ef_search: Optional[int] = None) -> dict:
-    """`lgff index search`: neighbours Parquet for the queries (the `query_split` rows of an embeddings set)."""
-    from .embeddings import read_embeddings
-
-    bundle = load_index(index_uri)
-    queries = read_embeddings(queries_uri, split=query_split)
-    if len(queries) == 0:
-        raise DataError(f"{queries_uri}: no queries" + (f" in split {query_split!r}" if query_split else ""))
-    table = search_neighbours(bundle, queries, k, exclude_self=exclude_self, exclude_same_group=exclude_same_group,
-                              nprobe=nprobe, ef_search=ef_search)
-    meta = json.loads(table.schema.metadata[b"lgff"])
-    meta["query_split"] = query_split
-    table = table.replace_schema_metadata({"lgff": json.dumps(meta)})
-    write_neighbours(table, out_uri)
-    return {"n_queries": table.num_rows, **meta}

@@ -1,0 +1,341 @@
+"""Index stages behind `lgff index build|train|add|merge|search|remove` (and the kfp components that call them).
+
+IVF factories (pure `IndexIVF*`) are built with their inverted lists on disk and never hold the archive in RAM:
+build = sample-train, encode block by block into partial files, merge them into one list file; the sharded form
+splits the same steps over tasks (`train` -> `add` per block -> `merge`). Other factories (Flat, HNSW, IVF with a
+refine stage) are built in RAM and are refused above ``index.max_in_ram_vectors``. Appending embeddings to an index
+or removing sample ids writes a new index (a new version with ``parent`` in its manifest); the parent is only read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Optional, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import storage
+from ..errors import DataError, IndexError_
+from .core import (_is_pure_ivf, build_index, merge_shards, prepare_vectors, search_neighbours_batched, train_index)
+from .ondisk import (EmbeddingsSource, IdMapWriter, append_lists, block_ranges, check_fits_in_ram, encode_block,
+                     is_ondisk_factory, merge_partials_ondisk, raw_block, remove_file, remove_lists)
+from .ondisk import train_sample as sample_for_training
+from .store import (IDMAP_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, TRAINED_FILE, LocalFiles, Staging, file_digest,
+                    idmap_table, load_index, read_faiss_file, read_manifest, save_index, legacy_local_path)
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_META = "partial.json"
+DEFAULT_BLOCK_ROWS = 250_000
+
+
+def shard_range(num_items: int, index: int, count: int) -> range:
+    """Contiguous block `index` of `count` over `num_items` (faiss contrib (nsplit, rank) convention)."""
+    if count < 1 or not 0 <= index < count:
+        raise IndexError_(f"shard {index}/{count}: need 0 <= I < N")
+    return range(num_items * index // count, num_items * (index + 1) // count)
+
+
+def _source_meta(src: EmbeddingsSource, factory: str, metric: str, nprobe: Optional[int]) -> dict:
+    return {"factory": factory, "metric": metric, "embeddings": src.uri, "split": src.split, "nprobe": nprobe,
+            "label_names": src.label_names, "model": src.manifest.get("model"), "source": src.manifest.get("source"),
+            "holds": [{"embeddings": src.uri, "split": src.split, "rows": src.num_rows}], "parent": None}
+
+
+def _nonempty(src: EmbeddingsSource, what: str = "embeddings") -> int:
+    n = src.num_rows
+    if n == 0:
+        raise IndexError_(f"{src.uri}: no {what}" + (f" in split {src.split!r}" if src.split else ""))
+    return n
+
+
+def _publish_ondisk(stage: Staging, index: faiss.Index, trained: faiss.Index, meta: dict) -> dict:
+    faiss.write_index(index, stage.path(INDEX_FILE))
+    faiss.write_index(trained, stage.path(TRAINED_FILE))
+    meta = {**meta, "kind": "index", "d": int(index.d), "ntotal": int(index.ntotal), "ondisk": True,
+            "index_type": type(faiss.downcast_index(index)).__name__,
+            "quantizer_sha256": file_digest(stage.path(TRAINED_FILE))["sha256"]}
+    return stage.publish(meta, [INDEX_FILE, IVFDATA_FILE, TRAINED_FILE, IDMAP_FILE])
+
+
+def _encode_to_files(stage: Staging, trained: faiss.Index, src: EmbeddingsSource, metric: str, id_offset: int,
+                     idmap: IdMapWriter, block_rows: int) -> list[str]:
+    """Encode every selected row of `src` block by block into partial files in the staging directory."""
+    paths = []
+    for i, (a, b) in enumerate(block_ranges(0, src.num_rows, block_rows)):
+        partial = encode_block(trained, src, a, b, metric, id_offset + a, idmap)
+        paths.append(stage.path(f"part-{i:05d}.faiss"))
+        faiss.write_index(partial, paths[-1])
+        del partial
+    return paths
+
+
+def build_from_embeddings(embeddings_uri: str, out_uri: str, factory: str = "Flat", metric: str = "ip",
+                          split: Optional[str | Sequence[str]] = None, train_sample: Optional[int] = None,
+                          seed: int = 0, *, nprobe: Optional[int] = None, max_in_ram: Optional[int] = None,
+                          block_rows: int = DEFAULT_BLOCK_ROWS) -> dict:
+    """`lgff index build`: one index over (the `split` rows of) an embeddings set, in one process."""
+    src = EmbeddingsSource(embeddings_uri, split)
+    n = _nonempty(src)
+    check_fits_in_ram(factory, n, src.dim, metric, max_in_ram)
+    meta = _source_meta(src, factory, metric, nprobe)
+    if not is_ondisk_factory(src.dim, factory, metric):
+        from ..embeddings import read_embeddings
+
+        emb = read_embeddings(embeddings_uri, split=split)
+        index = build_index(emb.xb, factory, metric, train_sample, seed)
+        return save_index(index, idmap_table(emb), out_uri, meta)
+    trained = train_index(sample_for_training(src, train_sample, seed, metric), factory, metric, seed)
+    stage = Staging(out_uri)
+    try:
+        idmap = IdMapWriter(stage.path(IDMAP_FILE))
+        parts = _encode_to_files(stage, trained, src, metric, 0, idmap, block_rows)
+        idmap.close()
+        index = merge_partials_ondisk(trained, parts, stage.path(IVFDATA_FILE))
+        for path in parts:
+            remove_file(path)
+        return _publish_ondisk(stage, index, trained, meta)
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def train_from_embeddings(embeddings_uri: str, out_uri: str, factory: str, metric: str = "ip",
+                          split: Optional[str | Sequence[str]] = None, train_sample: Optional[int] = 100000,
+                          seed: int = 0, *, nprobe: Optional[int] = None, max_in_ram: Optional[int] = None) -> dict:
+    """`lgff index train`: the empty trained index (quantizers) on a streamed sample, for sharded adds."""
+    src = EmbeddingsSource(embeddings_uri, split)
+    n = _nonempty(src, "embeddings to train on")
+    check_fits_in_ram(factory, n, src.dim, metric, max_in_ram)
+    xt = sample_for_training(src, train_sample, seed, metric)
+    index = train_index(xt, factory, metric, seed)
+    stage = Staging(out_uri)
+    try:
+        faiss.write_index(index, stage.path(TRAINED_FILE))
+        meta = {**_source_meta(src, factory, metric, nprobe), "kind": "trained-index", "d": int(index.d),
+                "trained_on": len(xt), "rows": n,
+                "quantizer_sha256": file_digest(stage.path(TRAINED_FILE))["sha256"]}
+        return stage.publish(meta, [TRAINED_FILE])
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def _load_trained(trained_uri: str) -> tuple[faiss.Index, dict, list]:
+    meta = read_manifest(trained_uri, "a trained index; run `lgff index train` first")
+    keep: list = []
+    if "files" in meta:
+        local = LocalFiles(trained_uri, meta, [TRAINED_FILE])
+        keep.append(local)
+        path = local.paths[TRAINED_FILE]
+    else:
+        path = legacy_local_path(trained_uri, TRAINED_FILE, keep)
+    return faiss.read_index(path), meta, keep
+
+
+def add_from_embeddings(trained_uri: str, embeddings_uri: str, out_uri: str, shard: Optional[tuple[int, int]] = None,
+                        split: Optional[str | Sequence[str]] = None, *, rows: Optional[tuple[int, int]] = None) -> dict:
+    """`lgff index add --shard I/N` (embeddings shards block I of N) or `--rows A:B` (selected rows [A, B)):
+    a partial index of that block (IVF codes with global ids, or raw vectors for in-RAM index types)."""
+    trained, tmeta, _keep = _load_trained(trained_uri)
+    src = EmbeddingsSource(embeddings_uri, split if split is not None else tmeta.get("split"))
+    if (shard is None) == (rows is None):
+        raise IndexError_("add needs exactly one of a shard block (I/N) or a row range (A:B)")
+    if shard is not None:
+        a, b = src.shard_rows(shard_range(len(src.entries), *shard))
+    else:
+        a, b = max(0, int(rows[0])), min(src.num_rows, int(rows[1]))
+        if a > b:
+            raise IndexError_(f"rows {rows[0]}:{rows[1]} are outside the {src.num_rows} selected rows")
+    stage = Staging(out_uri, PARTIAL_META)
+    try:
+        idmap = IdMapWriter(stage.path(IDMAP_FILE))
+        if _is_pure_ivf(trained):
+            partial = encode_block(trained, src, a, b, tmeta["metric"], a, idmap)
+        else:
+            partial = raw_block(src, a, b, tmeta["metric"], trained.d, idmap)
+        idmap.close()
+        faiss.write_index(partial, stage.path(INDEX_FILE))
+        meta = {"kind": "partial-index", "shard": list(shard) if shard else None, "rows": [a, b], "id_offset": a,
+                "ntotal": int(partial.ntotal), "trained": str(trained_uri), "embeddings": str(embeddings_uri),
+                "quantizer_sha256": tmeta.get("quantizer_sha256")}
+        return stage.publish(meta, [INDEX_FILE, IDMAP_FILE])
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def merge_partials(trained_uri: str, partial_uris: Sequence[str], out_uri: str, *,
+                   max_in_ram: Optional[int] = None) -> dict:
+    """`lgff index merge`: the partials (any order on input; merged in row order) -> the final index."""
+    trained, tmeta, _keep = _load_trained(trained_uri)
+    loaded = []
+    for uri in partial_uris:
+        if not storage.exists(storage.join(uri, PARTIAL_META)):
+            raise IndexError_(f"{uri}: no {PARTIAL_META}; that `lgff index add` did not finish")
+        loaded.append((read_manifest(uri, name=PARTIAL_META), uri))
+    if not loaded:
+        raise IndexError_("no partial indexes to merge")
+    loaded.sort(key=lambda mu: mu[0]["rows"][0])
+    covered = [tuple(m["rows"]) for m, _ in loaded]
+    total = tmeta.get("rows")
+    contiguous = covered[0][0] == 0 and all(p[1] == q[0] for p, q in zip(covered, covered[1:]))
+    if not contiguous or (total is not None and covered[-1][1] != total):
+        raise IndexError_(f"partials cover rows {covered}; need contiguous blocks covering 0..{total}, each once")
+    for m, uri in loaded:
+        if m.get("quantizer_sha256") != tmeta.get("quantizer_sha256"):
+            raise IndexError_(f"{uri}: encoded with another trained index than {trained_uri}")
+    meta = {k: v for k, v in tmeta.items() if k not in ("d", "trained_on", "rows", "kind", "files", "version",
+                                                       "schema_version", "quantizer_sha256")}
+    meta["merged_from"] = len(loaded)
+    files = [LocalFiles(uri, m, [INDEX_FILE, IDMAP_FILE]) for m, uri in loaded]
+    n = sum(int(m["ntotal"]) for m, _ in loaded)
+    if not _is_pure_ivf(trained):
+        check_fits_in_ram(tmeta["factory"], n, trained.d, tmeta["metric"], max_in_ram)
+        index = merge_shards(trained, [faiss.read_index(f.paths[INDEX_FILE]) for f in files])
+        idmap = pa.concat_tables([pq.read_table(f.paths[IDMAP_FILE]) for f in files])
+        return save_index(index, idmap, out_uri, meta)
+    stage = Staging(out_uri)
+    try:
+        index = merge_partials_ondisk(trained, [f.paths[INDEX_FILE] for f in files], stage.path(IVFDATA_FILE))
+        idmap = IdMapWriter(stage.path(IDMAP_FILE))
+        for f in files:
+            idmap.copy_from(f.paths[IDMAP_FILE])
+        idmap.close()
+        return _publish_ondisk(stage, index, trained, meta)
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def _parent_info(uri: str) -> dict:
+    raw = storage.read_bytes(storage.join(uri, META_FILE))
+    meta = json.loads(raw)
+    return {"uri": str(uri), "version": meta.get("version"), "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _child_meta(pmeta: dict, parent_uri: str) -> dict:
+    drop = ("files", "version", "schema_version", "ntotal", "uri", "merged_from")
+    return {**{k: v for k, v in pmeta.items() if k not in drop}, "parent": _parent_info(parent_uri),
+            "holds": list(pmeta.get("holds") or [{"embeddings": pmeta.get("embeddings"), "split": pmeta.get("split"),
+                                                  "rows": pmeta.get("ntotal")}])}
+
+
+def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Optional[str | Sequence[str]] = None,
+                    *, block_rows: int = DEFAULT_BLOCK_ROWS, max_in_ram: Optional[int] = None) -> dict:
+    """`lgff index add --to INDEX --embeddings NEW --out NEWINDEX`: NEW's rows appended with the parent's trained
+    quantizer (ids continue after the parent's); NEWINDEX is a new version naming its parent."""
+    pmeta = read_manifest(index_uri)
+    src = EmbeddingsSource(embeddings_uri, split)
+    n_new = _nonempty(src)
+    if src.dim != int(pmeta["d"]):
+        raise DataError(f"{embeddings_uri}: dimension {src.dim}, the index {index_uri} has {pmeta['d']}")
+    meta = _child_meta(pmeta, index_uri)
+    meta["holds"].append({"embeddings": src.uri, "split": src.split, "rows": n_new})
+    metric = pmeta.get("metric", "ip")
+    if not pmeta.get("ondisk"):
+        from ..embeddings import read_embeddings
+
+        check_fits_in_ram(pmeta["factory"], int(pmeta["ntotal"]) + n_new, src.dim, metric, max_in_ram)
+        bundle = load_index(index_uri)
+        emb = read_embeddings(embeddings_uri, split=split)
+        index = faiss.clone_index(bundle.index)
+        index.add(prepare_vectors(emb.xb, metric, index.d, where=str(embeddings_uri)))
+        new_rows = idmap_table(emb)
+        return save_index(index, pa.concat_tables([bundle.idmap.cast(new_rows.schema), new_rows]), out_uri, meta)
+    local = LocalFiles(index_uri, pmeta, [INDEX_FILE, IVFDATA_FILE, TRAINED_FILE, IDMAP_FILE])
+    parent = read_faiss_file(local.paths[INDEX_FILE], ondisk=True)
+    trained = faiss.read_index(local.paths[TRAINED_FILE])
+    stage = Staging(out_uri)
+    try:
+        idmap = IdMapWriter(stage.path(IDMAP_FILE))
+        idmap.copy_from(local.paths[IDMAP_FILE])
+        parts = _encode_to_files(stage, trained, src, metric, int(parent.ntotal), idmap, block_rows)
+        idmap.close()
+        partials = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in parts]
+        index = append_lists(trained, parent, partials, stage.path(IVFDATA_FILE))
+        del partials
+        for path in parts:
+            remove_file(path)
+        return _publish_ondisk(stage, index, trained, meta)
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def read_id_list(uri: str) -> list[str]:
+    """Sample ids to remove: a Parquet file with a sample_id column, or text with one id per line."""
+    if not storage.exists(uri):
+        raise DataError(f"{uri}: no such ids file")
+    if uri.endswith(".parquet"):
+        with storage.open_input_file(uri) as f:
+            table = pq.read_table(f)
+        if "sample_id" not in table.column_names:
+            raise DataError(f"{uri}: no sample_id column (has {table.column_names})")
+        return [str(v) for v in table.column("sample_id").to_pylist()]
+    return [line.strip() for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def remove_from_index(index_uri: str, ids_uri: str, out_uri: str) -> dict:
+    """`lgff index remove --index INDEX --ids FILE --out NEWINDEX`: NEWINDEX without those sample ids."""
+    pmeta = read_manifest(index_uri)
+    ids = read_id_list(ids_uri)
+    bundle = load_index(index_uri)
+    pos = bundle.rows.find(ids)
+    if (pos < 0).any():
+        first = ids[int(np.flatnonzero(pos < 0)[0])]
+        raise DataError(f"{ids_uri}: {int((pos < 0).sum())} sample id(s) are not in {index_uri}, e.g. {first!r}")
+    drop = np.unique(pos)
+    meta = {**_child_meta(pmeta, index_uri), "removed": int(len(drop)), "removed_ids": str(ids_uri)}
+    if not pmeta.get("ondisk"):
+        index = faiss.clone_index(bundle.index)
+        try:
+            index.remove_ids(faiss.IDSelectorBatch(drop.astype(np.int64)))
+        except RuntimeError as exc:
+            raise IndexError_(f"{index_uri}: {pmeta.get('factory')} cannot remove vectors "
+                              f"({str(exc).strip().splitlines()[-1]}); rebuild without those ids") from None
+        table = bundle.idmap
+        keep = np.ones(table.num_rows, bool)
+        keep[drop] = False
+        return save_index(index, table.filter(pa.array(keep)), out_uri, meta)
+    local = LocalFiles(index_uri, pmeta, [TRAINED_FILE])
+    trained = faiss.read_index(local.paths[TRAINED_FILE])
+    stage = Staging(out_uri)
+    try:
+        index = remove_lists(trained, bundle.index, drop, stage.path(IVFDATA_FILE))
+        idmap = IdMapWriter(stage.path(IDMAP_FILE))
+        idmap.copy_from(bundle.rows.path, drop)
+        idmap.close()
+        return _publish_ondisk(stage, index, trained, meta)
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def search_to_parquet(index_uri: str, queries_uri: str, out_uri: str, k: Optional[int], *,
+                      query_split: Optional[str] = None, exclude_self: bool = False,
+                      exclude_same_group: bool = False, nprobe: Optional[int] = None,
+                      ef_search: Optional[int] = None, query_batch: int = 1024) -> dict:
+    """`lgff index search`: neighbours Parquet for the queries (the `query_split` rows of an embeddings set)."""
+    from .core import write_neighbours
+
+    bundle = load_index(index_uri)
+    source = EmbeddingsSource(queries_uri, query_split)  # streamed: only the query rows are kept
+    queries = source.take(np.arange(source.num_rows))
+    if len(queries) == 0:
+        raise DataError(f"{queries_uri}: no queries" + (f" in split {query_split!r}" if query_split else ""))
+    table = search_neighbours_batched(bundle, queries, k, query_batch, exclude_self=exclude_self,
+                                      exclude_same_group=exclude_same_group, nprobe=nprobe, ef_search=ef_search)
+    meta = json.loads(table.schema.metadata[b"lgff"])
+    meta["query_split"] = query_split
+    table = table.replace_schema_metadata({"lgff": json.dumps(meta)})
+    write_neighbours(table, out_uri)
+    return {"n_queries": table.num_rows, **meta}
+
+
+__all__ = ["PARTIAL_META", "shard_range", "build_from_embeddings", "train_from_embeddings", "add_from_embeddings",
+           "merge_partials", "append_to_index", "remove_from_index", "read_id_list", "search_to_parquet"]

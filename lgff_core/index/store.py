@@ -1,0 +1,417 @@
+"""Index outputs on storage: versioned bulk files, an ``index.json`` manifest written last, verified reads.
+
+Layout of an index URI (a prefix)::
+
+    index.json          manifest (written last): kind, version, parent, factory, metric, d, ntotal, nprobe, the
+                        embeddings it holds, trained-quantizer digest and ``files`` {role: {path, size, sha256}}
+    v<N>/index.faiss    the index (for an on-disk IVF: quantizer + list offsets only)
+    v<N>/index.ivfdata  on-disk IVF only: the inverted lists (faiss OnDiskInvertedLists), memory-mapped by search
+    v<N>/trained.faiss  IVF only: the empty trained index (coarse quantizer + codec), for appends
+    v<N>/idmap.parquet  sample_id, label, group, split in faiss-id order (faiss id = row)
+
+Writing into a prefix that already holds a version writes v<N+1> beside it and publishes by replacing index.json;
+the old version's files are deleted only after that, so a writer killed at any moment leaves the previous manifest
+describing the previous, intact files. Readers check every file's size and sha256 against the manifest before
+loading it. A prefix written before versioning (files at the top, no ``files`` key) is still readable.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import storage
+from ..embeddings import EmbeddingTable
+from ..errors import IndexError_
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"
+TRAINED_FILE = "trained.faiss"
+IDMAP_FILE = "idmap.parquet"
+META_FILE = "index.json"
+MANIFEST_SCHEMA_VERSION = 2
+IDMAP_ROW_GROUP = 65536
+_HASH_CHUNK = 8 << 20
+
+
+# ------------------------------------------------------------------------------------------------ id map
+
+
+def idmap_table(table: EmbeddingTable) -> pa.Table:
+    return idmap_from_arrays(table.ids, table.labels, table.groups, table.splits)
+
+
+def idmap_from_arrays(ids, labels, groups, splits) -> pa.Table:
+    return pa.table({
+        "sample_id": pa.array(list(ids), pa.string()),
+        "label": pa.array(np.asarray(labels).astype(np.int32), pa.int32()),
+        "group": pa.array(list(groups), pa.string()),
+        "split": pa.array(list(splits), pa.string()),
+    })
+
+
+class IdMap:
+    """Database rows in faiss-id order, without holding the sample_id strings in RAM.
+
+    Kept per row: ``labels`` (int64) and dictionary codes of ``group`` and ``split`` (int32, -1 = null).
+    ``take(column, positions)`` and ``find(sample_ids)`` read the Parquet row group by row group.
+    """
+
+    def __init__(self, source: pa.Table | str):
+        self._table = source if isinstance(source, pa.Table) else None
+        self._path = None if isinstance(source, pa.Table) else str(source)
+        cols = self._columns(["label", "split"])
+        self.num_rows = len(cols["label"])
+        # 4 + 1..4 bytes per database row; group codes only when a search excludes same-group rows
+        self.labels = cols["label"].to_numpy().astype(np.int32, copy=False) if self.num_rows else np.empty(0, np.int32)
+        self.split_codes, self.split_names = _codes(cols["split"])
+        self._groups = None
+
+    def _columns(self, names: list[str]) -> dict:
+        if self._table is not None:
+            return {c: self._table.column(c) for c in names}
+        t = pq.read_table(self._path, columns=names, read_dictionary=[c for c in names if c != "label"])
+        return {c: t.column(c) for c in names}
+
+    @property
+    def group_codes(self) -> np.ndarray:
+        if self._groups is None:
+            self._groups = _codes(self._columns(["group"])["group"])
+        return self._groups[0]
+
+    @property
+    def group_names(self) -> list:
+        self.group_codes
+        return self._groups[1]
+
+    def _row_groups(self):
+        """(first row, table) per row group (one in-memory table = one group)."""
+        if self._table is not None:
+            yield 0, self._table
+            return
+        pf = pq.ParquetFile(self._path)
+        start = 0
+        for g in range(pf.num_row_groups):
+            t = pf.read_row_group(g, columns=["sample_id", "group", "split"])
+            yield start, t
+            start += t.num_rows
+
+    def take(self, column: str, positions: np.ndarray) -> np.ndarray:
+        """Values of `column` at `positions` (object array, same shape)."""
+        pos = np.asarray(positions, dtype=np.int64).ravel()
+        out = np.empty(len(pos), dtype=object)
+        if self._table is not None:
+            out[:] = self._table.column(column).take(pa.array(pos)).to_pylist() if len(pos) else []
+            return out.reshape(np.shape(positions))
+        order = np.argsort(pos, kind="stable")
+        sorted_pos = pos[order]
+        for start, t in self._row_groups():
+            a, b = np.searchsorted(sorted_pos, [start, start + t.num_rows])
+            if a < b:
+                out[order[a:b]] = t.column(column).take(pa.array(sorted_pos[a:b] - start)).to_pylist()
+        return out.reshape(np.shape(positions))
+
+    def find(self, sample_ids: Sequence[str]) -> np.ndarray:
+        """Database position of each sample_id (-1 when absent; first occurrence)."""
+        wanted = pa.array(list(sample_ids), pa.string())
+        out = np.full(len(wanted), -1, dtype=np.int64)
+        for start, t in self._row_groups():
+            hit = pc.index_in(wanted, value_set=t.column("sample_id").combine_chunks()).fill_null(-1).to_numpy()
+            new = (hit >= 0) & (out < 0)
+            out[new] = start + hit[new].astype(np.int64)
+        return out
+
+    def table(self) -> pa.Table:
+        return self._table if self._table is not None else pq.read_table(self._path)
+
+    @property
+    def path(self) -> Optional[str]:
+        return self._path
+
+    def column(self, column: str) -> np.ndarray:
+        """A whole column as an object array (small indexes and tests only)."""
+        return self.take(column, np.arange(self.num_rows))
+
+
+def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    if col.num_chunks == 0 or len(col) == 0:
+        return np.empty(0, np.int32), []
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(col)
+    chunks = col.unify_dictionaries().chunks
+    names = chunks[0].dictionary.to_pylist()
+    dtype = np.int8 if len(names) < 127 else np.int32
+    codes = np.concatenate([c.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(dtype) for c in chunks])
+    return codes, names
+
+
+def code_of(names: list, values: Sequence) -> np.ndarray:
+    """Codes of `values` in a dictionary `names` (-2 = not present, never equal to a database code)."""
+    lookup = {n: i for i, n in enumerate(names)}
+    return np.array([lookup.get(v, -2) for v in values], dtype=np.int32)
+
+
+class IndexBundle:
+    """A loaded index with its id map (faiss id = id-map row) and manifest."""
+
+    def __init__(self, index: faiss.Index, idmap: pa.Table | IdMap, meta: dict):
+        self.rows = idmap if isinstance(idmap, IdMap) else IdMap(idmap)
+        if self.rows.num_rows != index.ntotal:
+            raise IndexError_(f"id map has {self.rows.num_rows} rows but the index holds {index.ntotal} vectors"
+                              + (f" ({meta['uri']})" if meta.get("uri") else ""))
+        self.index = index
+        self.meta = meta
+        self.labels = self.rows.labels
+
+    @property
+    def idmap(self) -> pa.Table:
+        """The whole id map as a table (reads it all: small indexes, appends and removals of in-RAM indexes)."""
+        return self.rows.table()
+
+    @property
+    def metric(self) -> str:
+        return self.meta.get("metric", "ip")
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.rows.column("sample_id")
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.rows.column("group")
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self.rows.column("split")
+
+    def split_mask(self, split: str | Sequence[str]) -> np.ndarray:
+        wanted = [split] if isinstance(split, str) else list(split)
+        codes = [i for i, n in enumerate(self.rows.split_names) if n in wanted]
+        return np.isin(self.rows.split_codes, codes)
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def file_digest(path: str) -> dict:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def read_manifest(uri: str, what: str = "an index", name: str = META_FILE) -> dict:
+    meta_uri = storage.join(uri, name)
+    if not storage.exists(meta_uri):
+        raise IndexError_(f"{uri}: no {name}; not {what} (or its build did not finish)")
+    return storage.read_json(meta_uri, IndexError_)
+
+
+class Staging:
+    """Where a new version's files are written before publication.
+
+    Local outputs: the version directory itself (no copy of multi-GB lists); remote: a temporary directory whose
+    files `publish` uploads. The version number is one above the published one.
+    """
+
+    def __init__(self, out_uri: str, manifest_name: str = META_FILE):
+        self.out_uri = str(out_uri)
+        self.manifest_name = manifest_name
+        try:
+            self.previous = read_manifest(self.out_uri, name=manifest_name)
+        except IndexError_:
+            self.previous = None
+        prev_version = int((self.previous or {}).get("version", 0) or 0)
+        self.version = prev_version + 1
+        self.prefix = f"v{self.version}"
+        self._tmp = None
+        if storage.is_local(self.out_uri):
+            self.dir = storage.local_path(storage.join(self.out_uri, self.prefix))
+            if os.path.isdir(self.dir):  # left by a writer killed before it published: never referenced
+                import shutil
+
+                shutil.rmtree(self.dir)
+            os.makedirs(self.dir)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="lgff-index-")
+            self.dir = self._tmp.name
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def publish(self, meta: dict, names: Sequence[str]) -> dict:
+        """Upload (remote) and digest the files, then write index.json; then delete the previous version."""
+        files = {}
+        for name in names:
+            rel = f"{self.prefix}/{name}"
+            files[name] = {"path": rel, **file_digest(self.path(name))}
+            if self._tmp is not None:
+                storage.upload_file(self.path(name), storage.join(self.out_uri, rel))
+        manifest = {**meta, "kind": meta.get("kind", "index"), "schema_version": MANIFEST_SCHEMA_VERSION,
+                    "version": self.version, "files": files}
+        storage.write_text(storage.join(self.out_uri, self.manifest_name),
+                           json.dumps(manifest, indent=2, sort_keys=True))
+        self._remove_previous(files)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        return manifest
+
+    def _remove_previous(self, files: dict) -> None:
+        if self.previous is None:
+            return
+        keep = {f["path"] for f in files.values()}
+        if "files" in self.previous:
+            old = [f["path"] for f in self.previous["files"].values()]
+        else:  # unversioned layout
+            old = [INDEX_FILE, IDMAP_FILE, TRAINED_FILE, "partial.json"]
+        for rel in old:
+            if rel not in keep:
+                storage.delete(storage.join(self.out_uri, rel))
+        if "files" in self.previous and storage.is_local(self.out_uri):
+            old_dir = storage.local_path(storage.join(self.out_uri, f"v{self.previous.get('version')}"))
+            if os.path.isdir(old_dir) and not os.listdir(old_dir):
+                os.rmdir(old_dir)
+
+    def abort(self) -> None:
+        """Drop the unpublished version (a killed writer's leftovers are removed by the next writer instead)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        elif os.path.isdir(self.dir):
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class LocalFiles:
+    """Verified local copies of an index output's files (remote files are streamed to a temporary directory)."""
+
+    def __init__(self, uri: str, manifest: dict, roles: Sequence[str]):
+        self._tmp = None
+        self.paths = {}
+        files = manifest.get("files") or {}
+        for role in roles:
+            if role not in files:
+                raise IndexError_(f"{uri}: {META_FILE} lists no {role}")
+            entry = files[role]
+            src = storage.join(uri, entry["path"])
+            if not storage.exists(src):
+                raise IndexError_(f"{src}: listed in {META_FILE} but missing")
+            if storage.is_local(src):
+                path = storage.local_path(src)
+            else:
+                if self._tmp is None:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="lgff-index-")
+                path = os.path.join(self._tmp.name, os.path.basename(entry["path"]))
+                with storage.open_input_stream(src) as f, open(path, "wb") as out:
+                    while chunk := f.read(_HASH_CHUNK):
+                        out.write(chunk)
+            got = file_digest(path)
+            if got["size"] != entry["size"] or got["sha256"] != entry["sha256"]:
+                raise IndexError_(f"{src}: size {got['size']} / sha256 {got['sha256'][:12]}... differ from "
+                                  f"{META_FILE} ({entry['size']} / {entry['sha256'][:12]}...); the file was changed "
+                                  "or belongs to another version")
+            self.paths[role] = path
+
+
+@contextlib.contextmanager
+def faiss_chatter_to_stderr():
+    """faiss's on-disk lists printf progress ("resizing ...") to C stdout, which is the CLI's result channel:
+    send file descriptor 1 to stderr meanwhile (C buffers flushed before it is restored)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def read_faiss_file(path: str, ondisk: bool = False) -> faiss.Index:
+    """Read an index file without loading on-disk lists (they are memory-mapped from beside the file)."""
+    if ondisk:
+        with faiss_chatter_to_stderr():
+            return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    return faiss.read_index(path)
+
+
+def legacy_local_path(uri: str, name: str, tmp_holder: list) -> str:
+    src = storage.join(uri, name)
+    if not storage.exists(src):
+        raise IndexError_(f"{src}: no such index file")
+    if storage.is_local(src):
+        return storage.local_path(src)
+    tmp = tempfile.TemporaryDirectory(prefix="lgff-index-")
+    tmp_holder.append(tmp)
+    path = os.path.join(tmp.name, name)
+    with storage.open_input_stream(src) as f, open(path, "wb") as out:
+        while chunk := f.read(_HASH_CHUNK):
+            out.write(chunk)
+    return path
+
+
+def save_index(index: faiss.Index, idmap: pa.Table, out_uri: str, meta: dict,
+               trained: Optional[faiss.Index] = None) -> dict:
+    """Publish an in-RAM index (Flat, HNSW, in-RAM IVF) as a new version of `out_uri`."""
+    if idmap.num_rows != index.ntotal:
+        raise IndexError_(f"id map has {idmap.num_rows} rows but the index holds {index.ntotal} vectors")
+    stage = Staging(out_uri)
+    try:
+        faiss.write_index(index, stage.path(INDEX_FILE))
+        pq.write_table(idmap, stage.path(IDMAP_FILE), row_group_size=IDMAP_ROW_GROUP)
+        names = [INDEX_FILE, IDMAP_FILE]
+        if trained is not None:
+            faiss.write_index(trained, stage.path(TRAINED_FILE))
+            names.append(TRAINED_FILE)
+        meta = {**meta, "d": int(index.d), "ntotal": int(index.ntotal), "ondisk": False,
+                "index_type": type(faiss.downcast_index(index)).__name__}
+        if trained is not None:
+            meta["quantizer_sha256"] = file_digest(stage.path(TRAINED_FILE))["sha256"]
+        return stage.publish(meta, names)
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def load_index(uri: str) -> IndexBundle:
+    """The published version of an index; on-disk inverted lists are memory-mapped, not read."""
+    meta = read_manifest(uri)
+    holder: list = []
+    if "files" in meta:
+        roles = [INDEX_FILE, IDMAP_FILE] + ([IVFDATA_FILE] if meta.get("ondisk") else [])
+        local = LocalFiles(uri, meta, roles)
+        index = read_faiss_file(local.paths[INDEX_FILE], ondisk=bool(meta.get("ondisk")))
+        idmap = IdMap(local.paths[IDMAP_FILE])
+        holder.append(local)
+    else:
+        index = read_faiss_file(legacy_local_path(uri, INDEX_FILE, holder))
+        with storage.open_input_file(storage.join(uri, IDMAP_FILE)) as f:
+            idmap = IdMap(pq.read_table(f))
+    if meta.get("nprobe") is not None:
+        from .core import set_search_params
+
+        set_search_params(index, nprobe=int(meta["nprobe"]))
+    meta["uri"] = str(uri)
+    bundle = IndexBundle(index, idmap, meta)
+    bundle._keep = holder  # temporary local copies live as long as the bundle
+    return bundle

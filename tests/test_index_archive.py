@@ -1,0 +1,247 @@
+"""Archive-scale index: on-disk IVF merge, append / remove versions, size refusal, sampled evaluation, atomic rebuild."""
+import json
+import os
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lgff_core import index as ix
+from lgff_core import metrics as M
+from lgff_core.cli import main
+from lgff_core.embeddings import EmbeddingTable, read_embeddings, write_embeddings
+
+faiss.omp_set_num_threads(1)
+D = 16
+FACTORY = "IVF8,SQ8"
+
+
+def make(n, seed=0, first=0, n_classes=4, split="train"):
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(99).normal(size=(n_classes, D))
+    labels = (np.arange(n) + first) % n_classes
+    x = centers[labels] + 0.7 * rng.normal(size=(n, D))
+    return EmbeddingTable(
+        ids=np.array([f"s{i:05d}" for i in range(first, first + n)], dtype=object),
+        labels=labels.astype(np.int64),
+        groups=np.array([f"slide{i % 9}" for i in range(first, first + n)], dtype=object),
+        splits=np.array([split] * n, dtype=object),
+        xb=x.astype(np.float32),
+        label_names=[f"c{c}" for c in range(n_classes)],
+    )
+
+
+def concat(*tables):
+    return EmbeddingTable(*(np.concatenate([getattr(t, f) for t in tables]) for f in
+                            ("ids", "labels", "groups", "splits", "xb")), label_names=tables[0].label_names)
+
+
+def run(*argv):
+    return main(["-q", *argv])
+
+
+def reference(trained: faiss.Index, xb: np.ndarray, nprobe: int) -> faiss.Index:
+    """The same IVF built in RAM in one shot: the trained quantizer plus every vector, ids = rows."""
+    index = faiss.clone_index(trained)
+    index.add(ix.prepare_vectors(xb, "ip"))
+    ix.set_search_params(index, nprobe=nprobe)
+    return index
+
+
+def trained_of(uri):
+    meta = ix.read_manifest(uri)
+    return faiss.read_index(os.path.join(uri, meta["files"]["trained.faiss"]["path"]))
+
+
+@pytest.fixture
+def sets(tmp_path):
+    a, b = make(300), make(120, seed=1, first=300)
+    q = make(25, seed=2, first=10_000, split="test")
+    uris = {name: str(tmp_path / name) for name in ("a", "b", "all", "q")}
+    write_embeddings(uris["a"], a, num_shards=3)
+    write_embeddings(uris["b"], b, num_shards=2)
+    write_embeddings(uris["all"], concat(a, b), num_shards=4)
+    write_embeddings(uris["q"], q)
+    return uris, a, b, q
+
+
+def test_sharded_ondisk_merge_equals_in_ram_one_shot(sets, tmp_path):
+    uris, a, b, q = sets
+    trained, merged = str(tmp_path / "t"), str(tmp_path / "m")
+    assert run("index", "train", "--embeddings", uris["all"], "--factory", FACTORY, "--out", trained) == 0
+    parts = []
+    for rows in ("200:420", "0:130", "130:200"):  # row blocks in any order, not aligned with shards
+        parts.append(str(tmp_path / f"p{rows}"))
+        assert run("index", "add", "--trained", trained, "--embeddings", uris["all"], "--rows", rows,
+                   "--out", parts[-1]) == 0
+    assert run("index", "merge", "--trained", trained, "--partials", *parts, "--out", merged) == 0
+    meta = ix.read_manifest(merged)
+    assert meta["ondisk"] is True and meta["ntotal"] == 420 and meta["nprobe"] == 16
+    files = meta["files"]
+    assert set(files) == {"index.faiss", "index.ivfdata", "trained.faiss", "idmap.parquet"}
+    assert files["index.ivfdata"]["size"] > files["index.faiss"]["size"]
+    bundle = ix.load_index(merged)
+    assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(bundle.index).invlists),
+                      faiss.OnDiskInvertedLists)
+    ref = reference(trained_of(trained), concat(a, b).xb, nprobe=3)
+    ix.set_search_params(bundle.index, nprobe=3)
+    xq = ix.prepare_vectors(q.xb, "ip")
+    D1, I1 = ix.search(ref, xq, 10)
+    D2, I2 = ix.search(bundle.index, xq, 10)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_array_equal(D1, D2)
+    assert bundle.ids.tolist() == concat(a, b).ids.tolist()
+    # a missing block is refused
+    assert run("index", "merge", "--trained", trained, "--partials", parts[0], parts[1], "--out",
+               str(tmp_path / "m2")) == 2
+
+
+def test_append_equals_rebuild_with_same_quantizer_and_parent_stays(sets, tmp_path):
+    uris, a, b, q = sets
+    idx_a, idx_ab = str(tmp_path / "ia"), str(tmp_path / "iab")
+    assert run("index", "build", "--embeddings", uris["a"], "--factory", FACTORY, "--out", idx_a,
+               "--set", "index.block_rows=70") == 0
+    assert run("index", "add", "--to", idx_a, "--embeddings", uris["b"], "--out", idx_ab,
+               "--set", "index.block_rows=50") == 0
+    meta = ix.read_manifest(idx_ab)
+    assert meta["parent"]["uri"] == idx_a and meta["parent"]["version"] == 1 and meta["ntotal"] == 420
+    assert [h["rows"] for h in meta["holds"]] == [300, 120]
+    assert meta["quantizer_sha256"] == ix.read_manifest(idx_a)["quantizer_sha256"]
+    ref = reference(trained_of(idx_a), concat(a, b).xb, nprobe=4)
+    for uri, n in ((idx_ab, 420), (idx_a, 300)):  # the parent is still there and unchanged
+        bundle = ix.load_index(uri)
+        assert bundle.index.ntotal == n
+    appended = ix.load_index(idx_ab)
+    ix.set_search_params(appended.index, nprobe=4)
+    xq = ix.prepare_vectors(q.xb, "ip")
+    np.testing.assert_array_equal(ix.search(appended.index, xq, 12)[1], ix.search(ref, xq, 12)[1])
+    assert appended.ids.tolist() == concat(a, b).ids.tolist()
+
+
+def test_remove_ids_removes_exactly_them(sets, tmp_path):
+    uris, a, b, q = sets
+    idx, out = str(tmp_path / "i"), str(tmp_path / "r")
+    assert run("index", "build", "--embeddings", uris["all"], "--factory", FACTORY, "--out", idx) == 0
+    everything = concat(a, b)
+    gone = ["s00000", "s00007", "s00299", "s00300", "s00419"]
+    (tmp_path / "ids.txt").write_text("\n".join(gone) + "\n")
+    assert run("index", "remove", "--index", idx, "--ids", str(tmp_path / "ids.txt"), "--out", out) == 0
+    meta = ix.read_manifest(out)
+    assert meta["ntotal"] == 415 and meta["removed"] == 5 and meta["parent"]["uri"] == idx
+    keep = ~np.isin(everything.ids, gone)
+    removed = ix.load_index(out)
+    assert removed.ids.tolist() == everything.ids[keep].tolist()
+    ref = reference(trained_of(idx), everything.xb[keep], nprobe=8)
+    ix.set_search_params(removed.index, nprobe=8)  # nprobe = nlist: every remaining vector is reachable
+    xq = ix.prepare_vectors(everything.xb, "ip")
+    D1, I1 = ix.search(removed.index, xq, 415)
+    np.testing.assert_array_equal(I1, ix.search(ref, xq, 415)[1])
+    assert set(removed.ids[I1[0]].tolist()) == set(everything.ids[keep].tolist())
+    assert ix.load_index(idx).index.ntotal == 420  # the parent still holds them
+    # an id the index does not hold is an error, nothing written
+    (tmp_path / "bad.txt").write_text("s00001\nnot-there\n")
+    assert run("index", "remove", "--index", idx, "--ids", str(tmp_path / "bad.txt"), "--out",
+               str(tmp_path / "r2")) == 2
+    assert not (tmp_path / "r2" / "index.json").exists()
+
+
+def test_flat_above_max_in_ram_is_refused_with_an_ivf_factory(sets, tmp_path, capsys):
+    uris, *_ = sets
+    out = tmp_path / "flat"
+    for factory in ("Flat", "HNSW16"):
+        assert run("index", "build", "--embeddings", uris["all"], "--factory", factory, "--out", str(out),
+                   "--set", "index.max_in_ram_vectors=400") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert "420 vectors in RAM" in err and "index.max_in_ram_vectors=400" in err
+        assert "--factory IVF64,SQ8" in err
+        assert not out.exists()
+    assert run("index", "train", "--embeddings", uris["all"], "--factory", "Flat", "--out", str(out),
+               "--set", "index.max_in_ram_vectors=400") == 2
+    assert run("index", "build", "--embeddings", uris["all"], "--factory", "IVF64,SQ8", "--out", str(out),
+               "--set", "index.max_in_ram_vectors=400") == 0
+
+
+def test_query_sample_is_stratified_and_seeded():
+    labels = np.array([0] * 500 + [1] * 300 + [2] * 190 + [3] * 10)
+    s = M.sample_queries(labels, 100, seed=1)
+    assert len(s) == 100 and len(np.unique(s)) == 100 and np.all(np.diff(s) > 0)
+    assert np.bincount(labels[s]).tolist() == [50, 30, 19, 1]
+    assert np.array_equal(s, M.sample_queries(labels, 100, seed=1))
+    assert not np.array_equal(s, M.sample_queries(labels, 100, seed=2))
+    assert np.array_equal(M.sample_queries(labels, 5000, seed=1), np.arange(1000))  # few enough: all, in order
+
+
+def test_evaluate_sampled_through_ondisk_index_reports_the_sample(tmp_path):
+    emb = concat(make(400), make(120, seed=3, first=400, split="test"))
+    uri, idx, out = str(tmp_path / "e"), str(tmp_path / "i"), str(tmp_path / "ev")
+    write_embeddings(uri, emb, num_shards=3)
+    assert run("index", "build", "--embeddings", uri, "--split", "train", "--factory", FACTORY, "--out", idx) == 0
+    assert run("evaluate", "retrieval", "--embeddings", uri, "--index", idx, "--protocol", "test-vs-train",
+               "--max-queries", "40", "--query-batch", "16", "--out", out, "--set", "evaluate.k=10") == 0
+    res = json.loads(open(f"{out}/metrics.json").read())
+    assert res["n_queries"] == 40
+    assert res["sample"] == {"n_queries": 40, "n_queries_total": 120, "sampled": True, "seed": 0,
+                             "stratified_by": "label", "max_queries": 40, "k": 10, "query_batch": 16}
+    assert [r["n_queries"] for r in res["per_class"]] == [10, 10, 10, 10]
+    table, _ = ix.read_neighbours(f"{out}/neighbors.parquet")
+    assert table.num_rows == 40 and all(len(r) == 10 for r in table.column("neighbor_ids").to_pylist())
+    # the same seed draws the same queries
+    assert run("evaluate", "retrieval", "--embeddings", uri, "--index", idx, "--protocol", "test-vs-train",
+               "--max-queries", "40", "--out", str(tmp_path / "ev2"), "--set", "evaluate.k=10") == 0
+    again, _ = ix.read_neighbours(str(tmp_path / "ev2" / "neighbors.parquet"))
+    assert again.column("sample_id").to_pylist() == table.column("sample_id").to_pylist()
+
+
+def test_small_set_keeps_exact_full_ranking_numbers(tmp_path):
+    """Below max_queries, batched evaluation = the exact full ranking of every query (mAP over everything)."""
+    emb = concat(make(90), make(30, seed=3, first=90, split="test"))
+    uri = str(tmp_path / "e")
+    write_embeddings(uri, emb, num_shards=2)
+    outs = []
+    for batch in ("7", "1000"):
+        out = str(tmp_path / f"m{batch}.json")
+        assert run("evaluate", "retrieval", "--embeddings", uri, "--protocol", "test-vs-train",
+                   "--query-batch", batch, "--out", out) == 0
+        outs.append(json.loads(open(out).read()))
+    assert outs[0]["metrics"] == outs[1]["metrics"] and outs[0]["full_ranking"] is True
+    assert outs[0]["sample"]["sampled"] is False and outs[0]["n_queries"] == 30
+    test, train = emb.with_split("test"), emb.with_split("train")
+    xq = test.xb / np.linalg.norm(test.xb, axis=1, keepdims=True)
+    xb = train.xb / np.linalg.norm(train.xb, axis=1, keepdims=True)
+    (_, I, _), = list(M.full_ranking(xq, xb))
+    exact = M.retrieval_metrics(test.labels, train.labels[I], num_relevant=np.bincount(train.labels)[test.labels],
+                                full_ranking=True, ks=(1, 5, 10))
+    for key in ("eta_p", "eta_w", "recall@5", "precision@10", "mmv@5", "map"):
+        assert outs[0]["metrics"][key] == pytest.approx(exact[key], abs=1e-12), key
+
+
+def test_rebuild_killed_after_index_file_keeps_a_consistent_index(tmp_path, monkeypatch):
+    """Issue 13 item 2: Flat -> HNSW rebuild into the same output, killed right after the index file is written."""
+    emb = make(200)
+    uri, idx = str(tmp_path / "e"), str(tmp_path / "idx")
+    write_embeddings(uri, emb)
+    assert run("index", "build", "--embeddings", uri, "--factory", "Flat", "--out", idx) == 0
+    before = ix.load_index(idx)
+    xq = ix.prepare_vectors(emb.xb[:5], "ip")
+    expected = ix.search(before.index, xq, 5)[1]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the index file was written")
+
+    monkeypatch.setattr(pq, "write_table", killed)  # the id map is written after the index file
+    with pytest.raises(KeyboardInterrupt):
+        ix.build_from_embeddings(uri, idx, "HNSW16")
+    monkeypatch.undo()
+    after = ix.load_index(idx)
+    assert after.meta["factory"] == "Flat"
+    assert isinstance(faiss.downcast_index(after.index), faiss.IndexFlat)  # not the HNSW file of the killed run
+    np.testing.assert_array_equal(ix.search(after.index, xq, 5)[1], expected)
+    # the next rebuild publishes a new version and removes the old one's files
+    assert run("index", "build", "--embeddings", uri, "--factory", "HNSW16", "--out", idx) == 0
+    meta = ix.read_manifest(idx)
+    assert meta["factory"] == "HNSW16" and meta["version"] == 2
+    assert sorted(os.listdir(idx)) == ["index.json", "v2"]
+    assert type(faiss.downcast_index(ix.load_index(idx).index)).__name__ == "IndexHNSWFlat"
+    assert read_embeddings(uri).ids.tolist() == ix.load_index(idx).ids.tolist()
