@@ -55,7 +55,8 @@ def test_auto_speed_options_follow_the_cpu():
     opts = resolve_speed_options(cfg, torch.device("cpu"))
     assert opts == {"bf16": cpu_supports_bf16(), "channels_last": cpu_supports_bf16()}
     assert resolve_speed_options(cfg_for(), torch.device("cpu")) == {"bf16": False, "channels_last": False}
-    assert resolve_speed_options(cfg, torch.device("cuda")) == {"bf16": True, "channels_last": True}
+    # CUDA: channels-last only; bf16 autocast missed cosine >= 0.999 against fp32 on an H200 (min 0.9886)
+    assert resolve_speed_options(cfg, torch.device("cuda")) == {"bf16": False, "channels_last": True}
 
 
 @pytest.mark.parametrize("baseline", ["gem-last", None])
