@@ -171,7 +171,7 @@ def _read_marker(out_uri: str, name: str) -> Optional[dict]:
 
 
 def _embed_shard(embedder: Embedder, data_uri: str, manifest, si: int, batch_size: int, num_workers: int,
-                 progress: Optional[Callable[[int], None]]) -> tuple:
+                 progress: Optional[Callable[[int], None]], max_pixels: Optional[int] = None) -> tuple:
     """(metadata table, (n, D) embeddings) of input shard `si`, rows in the shard's order."""
     from torch.utils.data import DataLoader
 
@@ -185,7 +185,7 @@ def _embed_shard(embedder: Embedder, data_uri: str, manifest, si: int, batch_siz
     xb = np.zeros((n, embedder.dim), dtype=np.float32)
     filled = np.zeros(n, dtype=bool)
     ds = ShardedImageDataset(data_uri, transform=eval_transform(embedder.data_config, embedder.image_size),
-                             shards=[si])
+                             shards=[si], max_pixels=max_pixels)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=lambda rows: (torch.stack([r["image"] for r in rows]),
                                                  np.array([r["index"] for r in rows], dtype=np.int64)))
@@ -234,7 +234,7 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
             continue
         t0 = time.perf_counter()
         meta, xb = _embed_shard(embedder, data_uri, manifest, si, cfg.embed.batch_size, cfg.embed.num_workers,
-                                progress)
+                                progress, cfg.data.max_pixels)
         dt = time.perf_counter() - t0
         table = embeddings_to_table(meta.column("sample_id").to_pylist(), meta.column("label").to_numpy(),
                                     meta.column("label_name").to_pylist(), meta.column("group").to_pylist(),

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ...errors import DataError
 from ..convert import ConvertOptions, RowError, Task, fingerprint, write_dataset
-from ..images import ImageCheckError, probe_image
+from ..images import DEFAULT_MAX_PIXELS, ImageCheckError, probe_image
 from ..shards import COCO_SCHEMA, Manifest
 
 __all__ = ["convert_coco", "load_coco_json", "annotation_to_row", "row_annotation_to_coco"]
@@ -115,7 +115,7 @@ def row_annotation_to_coco(ann: dict, image_id: int) -> dict:
 
 
 def load_coco_image(path: str, image_id: int, annotations: list[dict], split: str, declared: tuple[int, int],
-                    check: str) -> dict:
+                    check: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     if not os.path.isfile(path):
         ids = [a["id"] for a in annotations]
         raise RowError(f"image file not found (image_id {image_id}, referenced by annotation id(s) "
@@ -123,7 +123,7 @@ def load_coco_image(path: str, image_id: int, annotations: list[dict], split: st
     with open(path, "rb") as f:
         data = f.read()
     try:
-        stored, width, height = probe_image(data, check=check)
+        stored, width, height = probe_image(data, check=check, max_pixels=max_pixels)
     except ImageCheckError as exc:
         raise RowError(f"image_id {image_id}: {exc}") from None
     if declared[0] and declared[1] and (width, height) != declared:
@@ -182,7 +182,8 @@ def convert_coco(
         size = path.stat().st_size if path.is_file() else -1
         listing.append((file_name, size, image_id, anns))
         tasks.append(Task(sample_id=f"{image_id:012d}", source=f"{path} (image_id {image_id})",
-                          loader=load_coco_image, args=(str(path), image_id, anns, split, (w, h), check)))
+                          loader=load_coco_image, args=(str(path), image_id, anns, split, (w, h), check,
+                                                          options.max_pixels)))
     categories = sorted(({"id": int(c["id"]), "name": str(c.get("name", c["id"])),
                           "supercategory": str(c.get("supercategory", ""))} for c in coco.dataset["categories"]),
                         key=lambda c: c["id"])
