@@ -571,6 +571,8 @@ def _publish(out_uri, model, loss_fn, optimizer, schedule, meta, improved, devic
 
 def _restore(prefix, model, loss_fn, optimizer, schedule, class_names, backbone_info, out_uri, device):
     meta = ckpt.read_sidecar(prefix)
+    # a kill while copying into last/ or best/ leaves them incomplete (or one epoch behind): redo the copies
+    ckpt.repair_published(prefix, meta, storage.join(out_uri, LAST), storage.join(out_uri, BEST))
     if meta.get("class_names") != class_names:
         raise CheckpointError(f"--resume {prefix}: checkpoint classes {meta.get('class_names')} differ from the "
                               f"data's {class_names}; use a new --out (or --init) for different data")
