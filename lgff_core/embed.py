@@ -9,6 +9,11 @@ Resumable and parallel: ``shard=(i, n)`` embeds the contiguous block i of n of t
 ``(nsplit, rank)`` style). Each output shard is written atomically, then a small done marker
 ``_done/part-NNNNN.json`` (rows, sha256, input shard sha256, model fingerprint). A rerun skips shards whose marker
 matches the input shard and the model fingerprint, so a killed run resumes where it stopped.
+Replacing a published output: a run whose model/settings or dataset differ from the published manifest's writes
+its shards and markers beside the old ones, under ``_v/<version>/`` (version = hash of model fingerprint + dataset
+fingerprint), publishes by writing ``_manifest.json`` last (listing ``_v/<version>/part-...``), and only then
+removes the old version's files. Readers follow the manifest, so they see the old set or the new one, never a
+mixture; a kill at any point leaves the old manifest (and its shards) in place.
 Publishing: the manifest is written by whichever run finds every input shard done (so with N jobs writing to one
 prefix, the last to finish publishes it). When the N jobs write to N different prefixes (one kfp artifact each),
 `collect_embeddings` (``lgff embed collect PART... --out URI``) copies the shards into one prefix and writes the
@@ -156,6 +161,59 @@ def embed_images(embedder: Embedder, images: torch.Tensor) -> np.ndarray:
     return out.cpu().numpy()
 
 
+VERSIONS_DIR = "_v"
+
+
+def _version_key(fingerprint: str, data_manifest) -> str:
+    return hashlib.sha256(f"{fingerprint}/{data_manifest.source_fingerprint}".encode()).hexdigest()[:16]
+
+
+def _published(out_uri: str) -> Optional[dict]:
+    from .embeddings import read_embeddings_manifest
+
+    try:
+        return read_embeddings_manifest(out_uri)
+    except DataError:
+        return None
+
+
+def _published_root(out_uri: str, published: dict) -> str:
+    """The prefix holding the shards a published manifest names (the output itself or one `_v/<version>`)."""
+    names = [s["name"] for s in published.get("shards", [])]
+    head = names[0].rsplit("/", 1)[0] if names and "/" in names[0] else ""
+    return storage.join(out_uri, head) if head else str(out_uri).rstrip("/")
+
+
+def _write_root(out_uri: str, fingerprint: str, data_manifest) -> str:
+    """Where a run with `fingerprint` writes its shards and markers (see the module docstring)."""
+    out_uri = str(out_uri).rstrip("/")
+    published = _published(out_uri)
+    if published is None:
+        return out_uri
+    if (published.get("model_fingerprint") == fingerprint
+            and published.get("source_fingerprint") == data_manifest.source_fingerprint):
+        return _published_root(out_uri, published)
+    return storage.join(out_uri, VERSIONS_DIR, _version_key(fingerprint, data_manifest))
+
+
+def _remove_old_version(out_uri: str, old: Optional[dict], new_root: str) -> None:
+    """After a new manifest is published: delete the files of the version it replaced (best effort)."""
+    if old is None:
+        return
+    old_root = _published_root(out_uri, old)
+    if old_root == new_root:
+        return
+    try:
+        if old_root != str(out_uri).rstrip("/"):
+            storage.delete(old_root, retry=False)
+            return
+        for entry in old.get("shards", []):
+            storage.delete(storage.join(out_uri, entry["name"]), retry=False)
+            storage.delete(_marker_uri(out_uri, entry["name"]), retry=False)
+    except LGFFError as exc:  # the new version is published; leftovers only cost space
+        logger.warning("%s: could not remove the replaced version's files: %s", out_uri, exc)
+
+
 def _marker_uri(out_uri: str, name: str) -> str:
     return storage.join(out_uri, DONE_DIR, name.replace(".parquet", ".json"))
 
@@ -221,12 +279,16 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
     except ValueError as exc:
         raise LGFFError(f"--shard {shard[0]}/{shard[1]}: {exc}") from None
     embedder = embedder or load_embedder(model_uri, cfg, baseline)
+    root = _write_root(out_uri, embedder.fingerprint, manifest)
+    if root != str(out_uri).rstrip("/") and not storage.exists(storage.join(root, DONE_DIR)):
+        logger.info("%s holds embeddings with other settings: writing the new version beside them (%s); the old "
+                    "one stays published until every shard is done", out_uri, root)
     done, skipped, rows, seconds = [], [], 0, 0.0
     for si in block:
         info = manifest.shards[si]
-        marker = _read_marker(out_uri, info.name)
+        marker = _read_marker(root, info.name)
         if (marker and marker.get("input_sha256") == info.sha256 and marker.get("fingerprint") == embedder.fingerprint
-                and storage.exists(storage.join(out_uri, info.name))):
+                and storage.exists(storage.join(root, info.name))):
             logger.info("%s: already embedded, skipping", info.name)
             skipped.append(info.name)
             if progress is not None:
@@ -239,11 +301,11 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
         table = embeddings_to_table(meta.column("sample_id").to_pylist(), meta.column("label").to_numpy(),
                                     meta.column("label_name").to_pylist(), meta.column("group").to_pylist(),
                                     meta.column("split").to_pylist(), xb)
-        written = write_embeddings_shard(storage.join(out_uri, info.name), table)
+        written = write_embeddings_shard(storage.join(root, info.name), table)
         marker = {"name": info.name, **written, "input_sha256": info.sha256, "fingerprint": embedder.fingerprint,
                   "model": embedder.name, "dim": embedder.dim, "shard_index": si,
                   "source": str(data_uri).rstrip("/"), "source_shards": manifest.num_shards}
-        storage.write_text(_marker_uri(out_uri, info.name), json.dumps(marker, indent=1, sort_keys=True))
+        storage.write_text(_marker_uri(root, info.name), json.dumps(marker, indent=1, sort_keys=True))
         logger.info("%s: %d rows in %.1f s (%.1f img/s)", info.name, info.num_rows, dt, info.num_rows / max(dt, 1e-9))
         done.append(info.name)
         rows += info.num_rows
@@ -256,11 +318,13 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
             "dim": embedder.dim, "bf16": embedder.bf16, "channels_last": embedder.channels_last}
 
 
-def _manifest_from_markers(out_uri: str, markers: Sequence[dict], data_manifest, data_uri: str) -> dict:
+def _manifest_from_markers(out_uri: str, markers: Sequence[dict], data_manifest, data_uri: str,
+                           subdir: str = "") -> dict:
     fps = {m["fingerprint"] for m in markers}
     if len(fps) != 1:
         raise DataError(f"{out_uri}: shards were embedded with {len(fps)} different models/settings; re-embed")
-    shards = [{"name": m["name"], "num_rows": m["num_rows"], "sha256": m["sha256"]} for m in markers]
+    shards = [{"name": storage.join(subdir, m["name"]) if subdir else m["name"], "num_rows": m["num_rows"],
+               "sha256": m["sha256"]} for m in markers]
     return write_embeddings_manifest(
         out_uri, shards, markers[0]["dim"], data_manifest.label_names,
         model=markers[0]["model"], model_fingerprint=markers[0]["fingerprint"], source=str(data_uri).rstrip("/"),
@@ -277,9 +341,17 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
     from .data.shards import read_manifest
 
     manifest = read_manifest(data_uri)
+    out_uri = str(out_uri).rstrip("/")
+    old = _published(out_uri)
+    if fingerprint is not None:
+        root = _write_root(out_uri, fingerprint, manifest)
+    else:  # `lgff embed finalize`: the newest complete version beside the published one, else the output itself
+        versions = storage.list_files(storage.join(out_uri, VERSIONS_DIR)) if old is not None else []
+        roots = sorted({u.split(f"/{DONE_DIR}/")[0] for u in versions if f"/{DONE_DIR}/" in u})
+        root = roots[-1] if len(roots) == 1 else (_published_root(out_uri, old) if old else out_uri)
     markers, missing = [], []
     for info in manifest.shards:
-        m = _read_marker(out_uri, info.name)
+        m = _read_marker(root, info.name)
         if not m or m.get("input_sha256") != info.sha256 or (fingerprint and m.get("fingerprint") != fingerprint):
             missing.append(info.name)
         else:
@@ -290,7 +362,9 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
                             f"e.g. {missing[:3]}")
         logger.info("%s: %d shard(s) still missing; manifest not written yet", out_uri, len(missing))
         return None
-    out = _manifest_from_markers(out_uri, markers, manifest, data_uri)
+    subdir = root[len(out_uri):].strip("/")
+    out = _manifest_from_markers(out_uri, markers, manifest, data_uri, subdir)
+    _remove_old_version(out_uri, old, root)
     logger.info("%s: manifest written (%d rows, %d shards)", out_uri, out["num_rows"], len(markers))
     return out
 

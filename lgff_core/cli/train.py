@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--init", metavar="CHECKPOINT_URI", help="previous stage's checkpoint (e.g. RUN/best)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint under --out")
     p.add_argument("--feature-cache", metavar="URI", help="cache frozen-backbone features here and train from them")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the estimated peak memory exceeds the available memory")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
                    help="end this invocation after epoch N (the run can be continued with --resume)")
     p.set_defaults(func=run)
@@ -39,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     data = cfg.strategy[args.stage].data or args.data
     if not data:
         raise DataError(f"no dataset: pass --data or set strategy[{args.stage}].data in the config")
+    if not args.no_memory_check and stage_cfg.model.kind == "embedding":
+        from ..memory import check_memory
+
+        check_memory("train", stage_cfg.model, stage_cfg.train.image_size, stage_cfg.train.batch_size)
 
     def stop_hook(row: dict) -> None:
         if args.stop_after_epoch is not None and row["epoch"] >= args.stop_after_epoch:
