@@ -500,10 +500,21 @@ class Lease:
         return json.dumps(dict(self.record, heartbeat=now, expires=now + self.ttl_s), sort_keys=True).encode()
 
     def holder(self) -> dict | None:
-        """The current lease record, or None when there is none (or it is unreadable)."""
+        """The current lease record, or None when there is none (or it is unreadable). An unreachable store is a
+        `StorageError`: nobody can take a lease they cannot read."""
+        fs, path = get_filesystem(self.uri)
+
+        def _read() -> bytes | None:
+            try:
+                with fs.open_input_stream(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+
+        raw = _with_retry(self.uri, "read", _read)
         try:
-            data = json.loads(read_bytes(self.uri))
-        except (StorageError, ValueError):
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
             return None
         return data if isinstance(data, dict) else None
 
@@ -568,7 +579,7 @@ class Lease:
 
     def check(self) -> None:
         """Raise `StorageError` unless this process still holds the lease (call before publishing)."""
-        rec = self.holder()
+        rec = self.holder()  # an unreachable store raises: nothing is published without a confirmed lease
         if self.lost or rec is None or rec.get("token") != self.record["token"]:
             raise StorageError(f"{self.prefix}: lost the writer lease ({self.lost or _describe(rec)}); "
                                "nothing published")
@@ -577,9 +588,9 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        rec = self.holder()
-        if rec is not None and rec.get("token") == self.record["token"]:
-            with contextlib.suppress(StorageError):
+        with contextlib.suppress(StorageError):  # an expired lease is as good as released
+            rec = self.holder()
+            if rec is not None and rec.get("token") == self.record["token"]:
                 delete(self.uri, retry=False)
 
 

@@ -53,8 +53,8 @@ def _cfg(**extra):
 
 
 def _one_line(err: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("20", "  ")) and " INFO " not in l
-             and " WARNING " not in l]
+    """The CLI's error line (exactly one, no traceback); log lines around it are allowed."""
+    lines = [l for l in err.splitlines() if l.startswith("lgff ")]
     assert "Traceback" not in err, err
     assert len(lines) == 1, err
     return lines[0]
