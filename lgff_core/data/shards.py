@@ -422,9 +422,22 @@ def verify_shard(manifest: Manifest, index: int) -> str:
     return uri
 
 
+def _check_schema(manifest: Manifest, uri: str, pf: pq.ParquetFile) -> None:
+    expected = COCO_SCHEMA if manifest.kind == "coco" else IMAGE_SCHEMA
+    actual = pf.schema_arrow
+    for f in expected:
+        if actual.get_field_index(f.name) < 0:
+            raise DataError(f"{uri}: shard has no column {f.name!r} (not a {manifest.kind} shard)")
+        if not actual.field(f.name).type.equals(f.type):
+            raise DataError(f"{uri}: column {f.name!r} is {actual.field(f.name).type}, expected {f.type}")
+
+
 def open_shard(manifest: Manifest, index: int) -> pq.ParquetFile:
-    """The verified shard `index` of a dataset, opened for reading."""
-    return _parquet_file(verify_shard(manifest, index))
+    """The verified shard `index` of a dataset (checksum and schema), opened for reading."""
+    uri = verify_shard(manifest, index)
+    pf = _parquet_file(uri)
+    _check_schema(manifest, uri, pf)
+    return pf
 
 
 def _parquet_file(uri: str) -> pq.ParquetFile:
