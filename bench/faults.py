@@ -122,6 +122,10 @@ class Stage:
     def fingerprint(self, out: Path) -> str:
         raise NotImplementedError
 
+    def mid_write(self, out: Path) -> bool:
+        """True when the kill hit a publication step (only tracked where it is a distinct window)."""
+        return False
+
 
 class Prep(Stage):
     name = "prep"
@@ -225,6 +229,11 @@ class Train(Stage):
         return all(is_complete(str(out / p)) for p in present) and all(
             read_sidecar(str(out / p))["files"] for p in present)
 
+    def mid_write(self, out):
+        # a checkpoint directory with tensors but no sidecar: killed while writing _staging/ or copying last/ best/
+        return any((out / p).is_dir() and any((out / p).iterdir()) and not (out / p / "model.json").exists()
+                   for p in ("_staging", "last", "best"))
+
     def fingerprint(self, out):
         from lgff_core.train.checkpoint import read_sidecar
 
@@ -271,6 +280,9 @@ def trial_stage(stage: Stage, trials: int, rng: random.Random) -> dict:
         delay = rng.uniform(0.0, clean_s)
         run_and_kill(stage.command(out), delay)
         ok = stage.published_ok(out)
+        mid = stage.mid_write(out)
+        if mid:
+            result["kills_mid_write"] = result.get("kills_mid_write", 0) + 1
         if ok is False:
             result["lost"] += 1
             result["notes"].append(f"trial {t}: torn output published after a kill at {delay:.1f} s")
@@ -318,6 +330,9 @@ def main() -> None:
         print(f"{r['stage']:<14} {r['trials']:>6} {r['recovered']:>9} {r['identical']:>9} {r['lost']:>5} "
               f"{r['clean_s']:>8.1f}")
     for r in rows:
+        if "kills_mid_write" in r:
+            print(f"  {r['stage']}: {r['kills_mid_write']} of {r['trials']} kills landed while a checkpoint was "
+                  f"being written or copied")
         for note in r["notes"]:
             print(f"  {r['stage']}: {note}")
 

@@ -493,6 +493,7 @@ class Lease:
                        "token": uuid.uuid4().hex}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made_dir: str | None = None
         self.lost: str | None = None
 
     def _body(self) -> bytes:
@@ -527,7 +528,9 @@ class Lease:
     def _try_take(self) -> bool:
         if is_local(self.uri):
             path = local_path(self.uri)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.isdir(os.path.dirname(path)):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self._made_dir = os.path.dirname(path)  # removed on release if the writer left it empty
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -592,6 +595,9 @@ class Lease:
             rec = self.holder()
             if rec is not None and rec.get("token") == self.record["token"]:
                 delete(self.uri, retry=False)
+        if self._made_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._made_dir)  # only succeeds when empty: a failed run leaves no trace
 
 
 def _describe(rec: dict | None) -> str:

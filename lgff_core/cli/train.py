@@ -50,9 +50,17 @@ def run(args: argparse.Namespace) -> int:
         if args.stop_after_epoch is not None and row["epoch"] >= args.stop_after_epoch:
             raise StopTraining
 
-    summary = train_stage(stage_cfg, data, args.out, init=args.init, resume=args.resume,
-                          feature_cache=args.feature_cache, progress=True,
-                          on_epoch_end=stop_hook)
+    import contextlib
+
+    from .. import storage
+
+    # one writer per --out (two runs into one prefix would interleave checkpoints); under torchrun rank 0 writes
+    held = (storage.lease(args.out, owner="lgff train") if int(os.environ.get("RANK", "0")) == 0
+            else contextlib.nullcontext())
+    with held:
+        summary = train_stage(stage_cfg, data, args.out, init=args.init, resume=args.resume,
+                              feature_cache=args.feature_cache, progress=True,
+                              on_epoch_end=stop_hook)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary.get("last")},
