@@ -13,6 +13,9 @@ for train) to completion and compares the result with the clean run:
 - index-rebuild: HNSW32 over an existing Flat index in the same prefix; identical = same as a clean HNSW build
 - train:         3 epochs with ``--resume`` after the kill (kills land during epochs and during checkpoint copies
                  into _staging/ last/ best/); identical = same last/ and best/ weights and metrics as a clean run
+- train-ckpt:    as train, but the kill is aimed at a checkpoint write: the output is polled every millisecond and
+                 the process is killed inside the n-th window (n random) in which _staging/, last/ or best/ holds
+                 files but no sidecar (random delays rarely land in these few-millisecond windows)
 
 Columns: trials; recovered = the rerun exited 0 and its output reads back; identical = and equals the clean run;
 lost = trials in which, right after the kill, a *published* output did not read back whole (a reader would have
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("prep", "embed", "index-build", "index-rebuild", "train")
+STAGES = ("prep", "embed", "index-build", "index-rebuild", "train", "train-ckpt")
 EMBED_SET = ["--set", "embed.image_size=32", "--set", "embed.batch_size=8", "--set", "embed.bf16=false",
              "--set", "embed.channels_last=false"]
 TRAIN_CONFIG = """base: lgffem_cpu
@@ -75,6 +78,24 @@ def run_and_kill(cmd: list[str], delay: float) -> None:
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def run_and_kill_when(cmd: list[str], condition, nth: int, timeout: float = 600) -> bool:
+    """Kill the process inside the `nth` window in which `condition()` holds; True if it was killed there."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, inside, t0 = 0, False, time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < timeout:
+        now = condition()
+        if now and not inside:
+            seen += 1
+            if seen >= nth:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+        inside = now
+        time.sleep(0.001)
+    proc.wait()
+    return False
 
 
 def digest_files(root: Path, names: list[str]) -> str:
@@ -125,6 +146,11 @@ class Stage:
     def mid_write(self, out: Path) -> bool:
         """True when the kill hit a publication step (only tracked where it is a distinct window)."""
         return False
+
+    def kill(self, out: Path, clean_s: float, rng: random.Random) -> str:
+        delay = rng.uniform(0.0, clean_s)
+        run_and_kill(self.command(out), delay)
+        return f"{delay:.1f} s"
 
 
 class Prep(Stage):
@@ -246,6 +272,17 @@ class Train(Stage):
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+class TrainCheckpoint(Train):
+    name = "train-ckpt"
+    # 3 epochs x (_staging/, last/, sometimes best/) windows
+    windows = 6
+
+    def kill(self, out, clean_s, rng):
+        nth = rng.randint(1, self.windows)
+        hit = run_and_kill_when(self.command(out), lambda: self.mid_write(out), nth)
+        return f"checkpoint window {nth}" + ("" if hit else " (run ended first)")
+
+
 def setup(work: Path, stages: list[str]) -> None:
     make_tree(work / "tree")
     check = run(lgff("prep", "imagefolder", "--src", str(work / "tree"), "--out", str(work / "data"), "--no-progress",
@@ -277,15 +314,14 @@ def trial_stage(stage: Stage, trials: int, rng: random.Random) -> dict:
               "clean_s": clean_s, "notes": []}
     for t in range(trials):
         stage.prepare(out)
-        delay = rng.uniform(0.0, clean_s)
-        run_and_kill(stage.command(out), delay)
+        delay = stage.kill(out, clean_s, rng)
         ok = stage.published_ok(out)
         mid = stage.mid_write(out)
         if mid:
             result["kills_mid_write"] = result.get("kills_mid_write", 0) + 1
         if ok is False:
             result["lost"] += 1
-            result["notes"].append(f"trial {t}: torn output published after a kill at {delay:.1f} s")
+            result["notes"].append(f"trial {t}: torn output published after a kill at {delay}")
         r = run(stage.command(out, resume=True))
         if r.returncode != 0 or not stage.published_ok(out):
             result["notes"].append(f"trial {t}: rerun failed: {(r.stderr.strip().splitlines() or [''])[-1][:160]}")
@@ -294,7 +330,7 @@ def trial_stage(stage: Stage, trials: int, rng: random.Random) -> dict:
         if stage.fingerprint(out) == reference:
             result["identical"] += 1
         else:
-            result["notes"].append(f"trial {t}: rerun differs from the clean run (kill at {delay:.1f} s)")
+            result["notes"].append(f"trial {t}: rerun differs from the clean run (kill at {delay})")
     return result
 
 
@@ -313,7 +349,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="lgff-faults-"))
     classes = {"prep": Prep, "embed": Embed, "index-build": IndexBuild, "index-rebuild": IndexRebuild,
-               "train": Train}
+               "train": Train, "train-ckpt": TrainCheckpoint}
     rows = []
     try:
         t0 = time.perf_counter()

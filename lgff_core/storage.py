@@ -77,8 +77,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Our per-operation retries (jittered exponential backoff, never past the operation's deadline). The SDK itself
-# makes one attempt per request: retries that it hid inside a call could not be bounded by our deadline.
+# Our per-operation retries (jittered exponential backoff, never past the operation's deadline). The SDK makes one
+# attempt per request: retries hidden inside a call (with the SDK's own backoff) would break the deadline and make
+# a one-shot cleanup delete take minutes again. A transient error in the middle of a streaming read therefore fails
+# the stage, which the pipeline's task retries cover.
 S3_SDK_MAX_ATTEMPTS = 1
 RETRY_ATTEMPTS = 3
 RETRY_BASE_DELAY_S = 0.25
@@ -116,6 +118,11 @@ def configure(**kwargs) -> StorageSettings:
 
 def settings() -> StorageSettings:
     return _SETTINGS
+
+
+def _request_timeout(limits: StorageSettings) -> float:
+    """Per-request timeout: the configured one, shortened so the SDK's attempts fit in one deadline."""
+    return min(limits.request_timeout_s, limits.deadline_s / S3_SDK_MAX_ATTEMPTS)
 
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 _S3_LOCK = threading.Lock()
@@ -184,7 +191,7 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     settings = _s3_settings()
     limits = _SETTINGS
     # per request: never longer than the whole operation may take
-    request_timeout = min(limits.request_timeout_s, limits.deadline_s)
+    request_timeout = _request_timeout(limits)
     connect_timeout = min(limits.connect_timeout_s, limits.deadline_s)
     # re-created when the environment or the limits change (tests, rotated keys)
     key = tuple(sorted(settings.items())) + (request_timeout, connect_timeout)
@@ -262,7 +269,7 @@ def _with_retry(uri: str, what: str, fn: Callable[[], T], retry: bool = True) ->
                                    f"{attempt + 1} attempt(s) ({reason})") from None
             delay = _backoff(attempt)
             # another attempt only if it can still finish (one request timeout) inside the deadline
-            room = limits.deadline_s - elapsed - delay - min(limits.request_timeout_s, limits.deadline_s)
+            room = limits.deadline_s - elapsed - delay - S3_SDK_MAX_ATTEMPTS * _request_timeout(limits)
             if attempt + 1 < attempts and _is_transient(exc) and room > 0:
                 log.warning("%s %s failed (%s); retry %d/%d in %.2fs", what, uri, reason, attempt + 1,
                             attempts - 1, delay)

@@ -6,6 +6,7 @@ backlog, so each request is sent and no byte ever comes back.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -34,6 +35,9 @@ def _restore_storage_limits():
     saved = storage.settings()
     yield
     storage.configure(**{f: getattr(saved, f) for f in saved.__dataclass_fields__})
+    # the CLI's log handler writes to this test's captured stderr, which closes with the test
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
 
 
 @pytest.fixture(params=["silent", "refusing"])

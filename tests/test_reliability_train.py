@@ -59,3 +59,26 @@ def test_kill_during_checkpoint_copy_then_resume(tiny, data, tmp_path, monkeypat
     assert ckpt.read_sidecar(f"{out}/last")["epoch"] == 2
     model, meta = ckpt.load_model_from_checkpoint(f"{out}/best")  # what `lgff embed --model C/best` does
     assert meta["epoch"] == 2
+
+
+def test_kill_before_metrics_are_written_keeps_the_epoch_row(tiny, data, tmp_path, monkeypatch):
+    """Found by bench/faults.py (train-ckpt): a kill after epoch 1's checkpoint but before metrics.jsonl lost the
+    epoch-1 row for good, so the resumed run's metrics differed from a clean run's."""
+    import json
+
+    clean = train_stage(tiny, data, str(tmp_path / "clean"))
+    original = trainer._write_metrics
+
+    def die(out_uri, rows):
+        raise Killed
+
+    monkeypatch.setattr(trainer, "_write_metrics", die)
+    with pytest.raises(Killed):
+        train_stage(tiny, data, str(tmp_path / "run"))
+    monkeypatch.setattr(trainer, "_write_metrics", original)
+    resumed = train_stage(tiny, data, str(tmp_path / "run"), resume=True)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    ref = [json.loads(l) for l in open(tmp_path / "clean" / "metrics.jsonl")]
+    assert [(r["epoch"], r["train_loss"], r["val_recall@1"]) for r in rows] == [
+        (r["epoch"], r["train_loss"], r["val_recall@1"]) for r in ref]
+    assert resumed["best_epoch"] == clean["best_epoch"]

@@ -587,6 +587,9 @@ def _restore(prefix, model, loss_fn, optimizer, schedule, class_names, backbone_
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
     history = [h for h in _read_metrics(out_uri) if h["epoch"] <= meta["epoch"]]
+    if meta.get("metrics") and not any(h["epoch"] == meta["epoch"] for h in history):
+        # killed between publishing the checkpoint and writing metrics.jsonl: the sidecar holds that epoch's row
+        history.append(meta["metrics"])
     best = meta.get("best", {})
     log.info("resuming from %s after epoch %d", prefix, meta["epoch"])
     return int(meta["epoch"]), float(best.get("val_recall@1", -1.0)), int(best.get("epoch", 0)), history
