@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "StageConfig",
     "DataConfig",
+    "StorageConfig",
     "EmbedConfig",
     "IndexConfig",
     "EvaluateConfig",
@@ -47,6 +49,8 @@ __all__ = [
     "resolve_config_path",
     "CONFIG_DIR",
 ]
+
+log = logging.getLogger(__name__)
 
 # Presets shipped with the project (repo checkout or container image: both keep `configs/` beside the package).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -168,6 +172,24 @@ class DataConfig:
     crop_size: int = 64
     # image check during prep: "fast" (JPEG/PNG structure + end marker, catches truncation) or "decode" (full decode)
     check: str = "fast"
+    # largest image (width x height from its header) accepted at prep and decoded at read: well above 1000x1000
+    # patches and 1500x1500 tiles, far below decompression bombs (a 100 KB PNG can declare 20000x20000)
+    max_pixels: int = 50_000_000
+
+
+@dataclass
+class StorageConfig:
+    """Object-store limits (`lgff_core.storage.StorageSettings`): every S3 call is bounded."""
+
+    connect_timeout_s: float = 5.0
+    # a request that receives nothing for this long fails (also what bounds an endpoint that never answers)
+    request_timeout_s: float = 30.0
+    # total time of one storage operation, retries with jittered backoff included
+    deadline_s: float = 120.0
+    retries: int = 3
+    # one writer per output prefix: lease expiry without heartbeat, and how long a second writer waits
+    lease_ttl_s: float = 60.0
+    lease_wait_s: float = 0.0
 
 
 @dataclass
@@ -310,6 +332,7 @@ class LGFFConfig:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def stage(self, index: int) -> "LGFFConfig":
         """The config of strategy stage `index`: this config with that stage's overrides applied."""
@@ -458,7 +481,9 @@ def _check_choices(cfg: LGFFConfig, origin: str) -> None:
                 "explain.num_queries", "explain.top", "explain.batch_size", "explain.ratio_channels", "serve.k",
                 "serve.max_instances", "serve.max_image_bytes", "serve.max_image_pixels",
                 "index.nprobe", "index.max_in_ram_vectors", "index.block_rows", "evaluate.query_batch",
-                "evaluate.k_at_scale", "evaluate.max_full_ranking")
+                "evaluate.k_at_scale", "evaluate.max_full_ranking",
+                "data.max_pixels", "storage.connect_timeout_s", "storage.request_timeout_s", "storage.deadline_s",
+                "storage.retries", "storage.lease_ttl_s")
     for key in positive:
         if _get_dotted(cfg, key) <= 0:
             raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")
@@ -529,16 +554,74 @@ def apply_overrides(cfg: LGFFConfig, overrides: dict[str, Any], origin: str = "-
     return config_from_dict(data, origin=origin)
 
 
+BASE_KEY = "base"
+_HAD_BASE = "\0had_base"  # internal marker, removed before the mapping is validated
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_config_data(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping in a YAML file, completed from its ``base:`` preset (recursively; cycles are an error)."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `base:` chain loops ({' -> '.join(str(p) for p in chain + (path,))})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: `base:` must name a preset or a config file, got {base!r}")
+    base_path = resolve_config_path(base if Path(base).is_absolute() or "/" not in base
+                                    else path.parent / base)
+    merged = _deep_merge(_read_config_data(base_path, chain + (path.resolve(),)), data)
+    merged[_HAD_BASE] = True
+    return merged
+
+
+def _log_defaults(path: Path, data: dict) -> None:
+    """A file without ``base:`` gets the built-in defaults for everything it leaves out: say which."""
+    unset = [f.name for f in dataclasses.fields(LGFFConfig) if f.name not in data]
+    model = LGFFConfig().model
+    partly = [k for k in ("model", "train") if k in data and isinstance(data[k], dict)
+              and set(data[k]) < {f.name for f in dataclasses.fields(getattr(LGFFConfig(), k))}]
+    if unset or partly:
+        log.warning("%s has no `base:`; built-in defaults used for %s%s (default model: %s, C=%d, %d layers, "
+                    "%d px; add `base: lgffem_cpu` to complete a partial file from a preset)", path,
+                    "sections " + ", ".join(unset) if unset else "",
+                    ("; " if unset else "") + "unset keys of " + ", ".join(partly) if partly else "",
+                    model.backbone.name, model.channels, model.num_layers, TrainConfig().image_size)
+
+
 def load_config(path_or_name: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> LGFFConfig:
-    """Load a YAML config (a path or a preset name; None = all defaults) and apply overrides."""
+    """Load a YAML config (a path or a preset name; None = all defaults) and apply overrides.
+
+    A file may start from a preset: ``base: lgffem_cpu`` loads that preset and applies the file's keys over it
+    (mappings merged key by key). A file without ``base:`` logs which built-in defaults it relies on.
+    """
     if path_or_name is None:
         cfg = LGFFConfig()
     else:
         path = resolve_config_path(path_or_name)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        data = _read_config_data(path)
+        # shipped presets are complete by construction; a user file without `base:` is told what it inherits
+        if not data.pop(_HAD_BASE, False) and path.resolve().parent != CONFIG_DIR.resolve():
+            _log_defaults(path, data)
         cfg = config_from_dict(data, origin=str(path))
     if isinstance(overrides, list):
         overrides = parse_set_args(overrides)

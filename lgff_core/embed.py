@@ -9,6 +9,11 @@ Resumable and parallel: ``shard=(i, n)`` embeds the contiguous block i of n of t
 ``(nsplit, rank)`` style). Each output shard is written atomically, then a small done marker
 ``_done/part-NNNNN.json`` (rows, sha256, input shard sha256, model fingerprint). A rerun skips shards whose marker
 matches the input shard and the model fingerprint, so a killed run resumes where it stopped.
+Replacing a published output: a run whose model/settings or dataset differ from the published manifest's writes
+its shards and markers beside the old ones, under ``_v/<version>/`` (version = hash of model fingerprint + dataset
+fingerprint), publishes by writing ``_manifest.json`` last (listing ``_v/<version>/part-...``), and only then
+removes the old version's files. Readers follow the manifest, so they see the old set or the new one, never a
+mixture; a kill at any point leaves the old manifest (and its shards) in place.
 Publishing: the manifest is written by whichever run finds every input shard done (so with N jobs writing to one
 prefix, the last to finish publishes it). When the N jobs write to N different prefixes (one kfp artifact each),
 `collect_embeddings` (``lgff embed collect PART... --out URI``) copies the shards into one prefix and writes the
@@ -164,6 +169,59 @@ def embed_images(embedder: Embedder, images: torch.Tensor) -> np.ndarray:
     return out.cpu().numpy()
 
 
+VERSIONS_DIR = "_v"
+
+
+def _version_key(fingerprint: str, data_manifest) -> str:
+    return hashlib.sha256(f"{fingerprint}/{data_manifest.source_fingerprint}".encode()).hexdigest()[:16]
+
+
+def _published(out_uri: str) -> Optional[dict]:
+    from .embeddings import read_embeddings_manifest
+
+    try:
+        return read_embeddings_manifest(out_uri)
+    except DataError:
+        return None
+
+
+def _published_root(out_uri: str, published: dict) -> str:
+    """The prefix holding the shards a published manifest names (the output itself or one `_v/<version>`)."""
+    names = [s["name"] for s in published.get("shards", [])]
+    head = names[0].rsplit("/", 1)[0] if names and "/" in names[0] else ""
+    return storage.join(out_uri, head) if head else str(out_uri).rstrip("/")
+
+
+def _write_root(out_uri: str, fingerprint: str, data_manifest) -> str:
+    """Where a run with `fingerprint` writes its shards and markers (see the module docstring)."""
+    out_uri = str(out_uri).rstrip("/")
+    published = _published(out_uri)
+    if published is None:
+        return out_uri
+    if (published.get("model_fingerprint") == fingerprint
+            and published.get("source_fingerprint") == data_manifest.source_fingerprint):
+        return _published_root(out_uri, published)
+    return storage.join(out_uri, VERSIONS_DIR, _version_key(fingerprint, data_manifest))
+
+
+def _remove_old_version(out_uri: str, old: Optional[dict], new_root: str) -> None:
+    """After a new manifest is published: delete the files of the version it replaced (best effort)."""
+    if old is None:
+        return
+    old_root = _published_root(out_uri, old)
+    if old_root == new_root:
+        return
+    try:
+        if old_root != str(out_uri).rstrip("/"):
+            storage.delete(old_root, retry=False)
+            return
+        for entry in old.get("shards", []):
+            storage.delete(storage.join(out_uri, entry["name"]), retry=False)
+            storage.delete(_marker_uri(out_uri, entry["name"]), retry=False)
+    except LGFFError as exc:  # the new version is published; leftovers only cost space
+        logger.warning("%s: could not remove the replaced version's files: %s", out_uri, exc)
+
+
 def _marker_uri(out_uri: str, name: str) -> str:
     return storage.join(out_uri, DONE_DIR, name.replace(".parquet", ".json"))
 
@@ -179,7 +237,8 @@ def _read_marker(out_uri: str, name: str) -> Optional[dict]:
 
 
 def _embed_units(embedder: Embedder, data_uri: str, manifest, units: Sequence[tuple[int, int]], batch_size: int,
-                 num_workers: int, progress: Optional[Callable[[int], None]], where: str) -> tuple:
+                 num_workers: int, progress: Optional[Callable[[int], None]], where: str,
+                 max_pixels: Optional[int] = None) -> tuple:
     """(metadata table, (n, D) embeddings) of the (shard, row group) `units`, rows in unit order. Memory: the
     units' embeddings plus one batch of images, whatever the dataset size."""
     import pyarrow as pa
@@ -207,7 +266,7 @@ def _embed_units(embedder: Embedder, data_uri: str, manifest, units: Sequence[tu
     xb = np.zeros((n, embedder.dim), dtype=np.float32)
     filled = np.zeros(n, dtype=bool)
     ds = ShardedImageDataset(data_uri, transform=eval_transform(embedder.data_config, embedder.image_size),
-                             units=units)
+                             units=units, max_pixels=max_pixels)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=lambda rows: (torch.stack([r["image"] for r in rows]),
                                                  np.array([r["index"] for r in rows], dtype=np.int64)))
@@ -226,11 +285,11 @@ def _embed_units(embedder: Embedder, data_uri: str, manifest, units: Sequence[tu
 
 
 def _embed_shard(embedder: Embedder, data_uri: str, manifest, si: int, batch_size: int, num_workers: int,
-                 progress: Optional[Callable[[int], None]]) -> tuple:
+                 progress: Optional[Callable[[int], None]], max_pixels: Optional[int] = None) -> tuple:
     """(metadata table, (n, D) embeddings) of input shard `si`, rows in the shard's order."""
     units = [(si, gi) for gi in range(len(manifest.shards[si].row_groups))]
     meta, xb = _embed_units(embedder, data_uri, manifest, units, batch_size, num_workers, progress,
-                            manifest.shard_uri(si))
+                            manifest.shard_uri(si), max_pixels)
     if meta is None:
         from .data.shards import read_table
 
@@ -268,7 +327,7 @@ def embed_block(block: dict, out_uri: str, cfg: LGFFConfig, model_uri: Optional[
     embedder = embedder or load_embedder(model_uri, cfg, baseline)
     t0 = time.perf_counter()
     meta, xb = _embed_units(embedder, data_uri, manifest, units, cfg.embed.batch_size, cfg.embed.num_workers,
-                            progress, f"{data_uri} block {block['block']}")
+                            progress, f"{data_uri} block {block['block']}", cfg.data.max_pixels)
     seconds = time.perf_counter() - t0
     shards = []
     if meta is not None and meta.num_rows:
@@ -303,12 +362,16 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
     except ValueError as exc:
         raise LGFFError(f"--shard {shard[0]}/{shard[1]}: {exc}") from None
     embedder = embedder or load_embedder(model_uri, cfg, baseline)
+    root = _write_root(out_uri, embedder.fingerprint, manifest)
+    if root != str(out_uri).rstrip("/") and not storage.exists(storage.join(root, DONE_DIR)):
+        logger.info("%s holds embeddings with other settings: writing the new version beside them (%s); the old "
+                    "one stays published until every shard is done", out_uri, root)
     done, skipped, rows, seconds = [], [], 0, 0.0
     for si in block:
         info = manifest.shards[si]
-        marker = _read_marker(out_uri, info.name)
+        marker = _read_marker(root, info.name)
         if (marker and marker.get("input_sha256") == info.sha256 and marker.get("fingerprint") == embedder.fingerprint
-                and storage.exists(storage.join(out_uri, info.name))):
+                and storage.exists(storage.join(root, info.name))):
             logger.info("%s: already embedded, skipping", info.name)
             skipped.append(info.name)
             if progress is not None:
@@ -316,13 +379,13 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
             continue
         t0 = time.perf_counter()
         meta, xb = _embed_shard(embedder, data_uri, manifest, si, cfg.embed.batch_size, cfg.embed.num_workers,
-                                progress)
+                                progress, cfg.data.max_pixels)
         dt = time.perf_counter() - t0
-        written = write_embeddings_shard(storage.join(out_uri, info.name), _meta_to_table(meta, xb))
+        written = write_embeddings_shard(storage.join(root, info.name), _meta_to_table(meta, xb))
         marker = {"name": info.name, **written, "input_sha256": info.sha256, "fingerprint": embedder.fingerprint,
                   "model": embedder.name, "dim": embedder.dim, "shard_index": si,
                   "source": str(data_uri).rstrip("/"), "source_shards": manifest.num_shards}
-        storage.write_text(_marker_uri(out_uri, info.name), json.dumps(marker, indent=1, sort_keys=True))
+        storage.write_text(_marker_uri(root, info.name), json.dumps(marker, indent=1, sort_keys=True))
         logger.info("%s: %d rows in %.1f s (%.1f img/s)", info.name, info.num_rows, dt, info.num_rows / max(dt, 1e-9))
         done.append(info.name)
         rows += info.num_rows
@@ -335,11 +398,13 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
             "dim": embedder.dim, "bf16": embedder.bf16, "channels_last": embedder.channels_last}
 
 
-def _manifest_from_markers(out_uri: str, markers: Sequence[dict], data_manifest, data_uri: str) -> dict:
+def _manifest_from_markers(out_uri: str, markers: Sequence[dict], data_manifest, data_uri: str,
+                           subdir: str = "") -> dict:
     fps = {m["fingerprint"] for m in markers}
     if len(fps) != 1:
         raise DataError(f"{out_uri}: shards were embedded with {len(fps)} different models/settings; re-embed")
-    shards = [{"name": m["name"], "num_rows": m["num_rows"], "sha256": m["sha256"]} for m in markers]
+    shards = [{"name": storage.join(subdir, m["name"]) if subdir else m["name"], "num_rows": m["num_rows"],
+               "sha256": m["sha256"]} for m in markers]
     return write_embeddings_manifest(
         out_uri, shards, markers[0]["dim"], data_manifest.label_names,
         model=markers[0]["model"], model_fingerprint=markers[0]["fingerprint"], source=str(data_uri).rstrip("/"),
@@ -356,9 +421,17 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
     from .data.shards import read_manifest
 
     manifest = read_manifest(data_uri)
+    out_uri = str(out_uri).rstrip("/")
+    old = _published(out_uri)
+    if fingerprint is not None:
+        root = _write_root(out_uri, fingerprint, manifest)
+    else:  # `lgff embed finalize`: the newest complete version beside the published one, else the output itself
+        versions = storage.list_files(storage.join(out_uri, VERSIONS_DIR)) if old is not None else []
+        roots = sorted({u.split(f"/{DONE_DIR}/")[0] for u in versions if f"/{DONE_DIR}/" in u})
+        root = roots[-1] if len(roots) == 1 else (_published_root(out_uri, old) if old else out_uri)
     markers, missing = [], []
     for info in manifest.shards:
-        m = _read_marker(out_uri, info.name)
+        m = _read_marker(root, info.name)
         if not m or m.get("input_sha256") != info.sha256 or (fingerprint and m.get("fingerprint") != fingerprint):
             missing.append(info.name)
         else:
@@ -369,7 +442,9 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
                             f"e.g. {missing[:3]}")
         logger.info("%s: %d shard(s) still missing; manifest not written yet", out_uri, len(missing))
         return None
-    out = _manifest_from_markers(out_uri, markers, manifest, data_uri)
+    subdir = root[len(out_uri):].strip("/")
+    out = _manifest_from_markers(out_uri, markers, manifest, data_uri, subdir)
+    _remove_old_version(out_uri, old, root)
     logger.info("%s: manifest written (%d rows, %d shards)", out_uri, out["num_rows"], len(markers))
     return out
 

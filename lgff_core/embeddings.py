@@ -8,7 +8,8 @@ Layout (DESIGN.md section 5), a prefix like a dataset's:
     _manifest.json       written last, when every shard is done: a prefix without it is not an embeddings set
 
 `read_embeddings(uri, split=None) -> EmbeddingTable` with ``ids, labels, groups, splits, xb`` (xb: (n, D) float32).
-Vectors are checked on read: NaN / inf or a dimension that disagrees with the manifest is a `DataError` naming the
+Shards are checked on read against the manifest's sha256 (a shard replaced after publication is a `DataError`
+naming it; readers never use a mixture of two versions). Vectors are checked too: NaN / inf or a dimension that disagrees with the manifest is a `DataError` naming the
 shard and row.
 """
 from __future__ import annotations
@@ -187,7 +188,14 @@ def read_embeddings(uri: str, split: Optional[str | Sequence[str]] = None,
     for i in chosen:
         entry = entries[i]
         where = storage.resolve(uri, entry["name"])  # absolute in pointer manifests (collect, pipeline artifacts)
-        table = read_embeddings_shard(where, dim)
+        data = storage.read_bytes(where)
+        if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DataError(f"{where}: shard does not match the embeddings manifest (sha256 differs): replaced or "
+                            f"corrupted after publication; re-run `lgff embed`")
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{where}: not a readable embeddings shard ({exc})") from None
         if table.num_rows != entry["num_rows"]:
             raise DataError(f"{where}: {table.num_rows} rows, manifest says {entry['num_rows']}")
         parts.append(_table_to_arrays(table, dim, where))

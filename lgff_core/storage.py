@@ -9,17 +9,29 @@ Atomicity (STYLE.md 7): on local disk an output is written to a hidden temp file
 into place with `os.replace`; on S3 the bytes are spooled to a local temp file and uploaded with one PUT (an S3
 object appears whole or not at all). Writers of multi-file outputs (datasets) publish their manifest last.
 
-Transient S3 errors are retried twice over: by the AWS SDK's standard retry strategy inside pyarrow
-(``max_attempts``) and by a bounded exponential backoff around each high-level operation here.
+Bounded object-store calls: every S3 request has a connect timeout and a read (low-speed) timeout, and every
+high-level operation here (stat, list, read, write, upload, delete) has a total deadline; transient errors are
+retried with jittered exponential backoff only while the deadline leaves room for another attempt, so an endpoint
+that accepts connections and never answers fails the operation within its deadline with one `StorageError` line.
+Cleanup deletes after a failure are tried once (``retry=False``). Settings: `configure` (the CLI passes the config's
+``storage`` section; `StorageSettings` holds the defaults).
+
+One writer per output prefix: `lease(prefix)` takes ``<prefix>/_lease.json`` (owner, host, pid, heartbeat, expiry)
+before writing, renews it from a heartbeat thread, and `Lease.check()` confirms ownership before publishing. Local
+disk takes it with an exclusive create; on S3 (no conditional put in pyarrow) the lease is written, then read back
+after a settle delay, and the later writer of a race sees the other's lease and backs off.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import mmap
 import os
+import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -54,17 +66,64 @@ __all__ = [
     "file_size",
     "basename",
     "resolve",
+    "StorageSettings",
+    "configure",
+    "settings",
+    "Lease",
+    "lease",
+    "LEASE_NAME",
 ]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# SDK-level retries (per request) and our own per-operation retries with exponential backoff.
-S3_SDK_MAX_ATTEMPTS = 5
+# Our per-operation retries (jittered exponential backoff, never past the operation's deadline). The SDK makes one
+# attempt per request: retries hidden inside a call (with the SDK's own backoff) would break the deadline and make
+# a one-shot cleanup delete take minutes again. A transient error in the middle of a streaming read therefore fails
+# the stage, which the pipeline's task retries cover.
+S3_SDK_MAX_ATTEMPTS = 1
 RETRY_ATTEMPTS = 3
 RETRY_BASE_DELAY_S = 0.25
 RETRY_MAX_DELAY_S = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSettings:
+    """Object-store limits (the config's ``storage`` section)."""
+
+    connect_timeout_s: float = 5.0
+    # a request that receives nothing for this long fails (curl low-speed timeout: also bounds a silent endpoint)
+    request_timeout_s: float = 30.0
+    # total time of one high-level operation, retries included
+    deadline_s: float = 120.0
+    retries: int = RETRY_ATTEMPTS
+    # writer lease of an output prefix: expiry without heartbeat, and how long a second writer waits for it
+    lease_ttl_s: float = 60.0
+    lease_wait_s: float = 0.0
+
+
+_SETTINGS = StorageSettings()
+
+
+def configure(**kwargs) -> StorageSettings:
+    """Replace the object-store limits (keys of `StorageSettings`); returns the new settings."""
+    global _SETTINGS
+    known = {f.name for f in dataclasses.fields(StorageSettings)}
+    new = dataclasses.replace(_SETTINGS, **{k: v for k, v in kwargs.items() if k in known})
+    if new.deadline_s <= 0 or new.request_timeout_s <= 0 or new.connect_timeout_s <= 0 or new.retries < 1:
+        raise StorageError(f"storage settings must be positive (got {new})")
+    _SETTINGS = new
+    return new
+
+
+def settings() -> StorageSettings:
+    return _SETTINGS
+
+
+def _request_timeout(limits: StorageSettings) -> float:
+    """Per-request timeout: the configured one, shortened so the SDK's attempts fit in one deadline."""
+    return min(limits.request_timeout_s, limits.deadline_s / S3_SDK_MAX_ATTEMPTS)
 
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 _S3_LOCK = threading.Lock()
@@ -140,7 +199,12 @@ def _s3_settings() -> dict:
 
 def _s3_filesystem() -> pafs.S3FileSystem:
     settings = _s3_settings()
-    key = tuple(sorted(settings.items()))  # re-created when the environment changes (tests, rotated keys)
+    limits = _SETTINGS
+    # per request: never longer than the whole operation may take
+    request_timeout = _request_timeout(limits)
+    connect_timeout = min(limits.connect_timeout_s, limits.deadline_s)
+    # re-created when the environment or the limits change (tests, rotated keys)
+    key = tuple(sorted(settings.items())) + (request_timeout, connect_timeout)
     with _S3_LOCK:
         fs = _S3_CACHE.get(key)
         if fs is None:
@@ -150,8 +214,10 @@ def _s3_filesystem() -> pafs.S3FileSystem:
             fs = pafs.S3FileSystem(
                 **settings,
                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_MAX_ATTEMPTS),
-                connect_timeout=10,
-                request_timeout=60,
+                connect_timeout=connect_timeout,
+                request_timeout=request_timeout,
+                # small objects (manifests, markers, leases) go up in one PUT: no multipart upload to leave behind
+                allow_delayed_open=True,
             )
             _S3_CACHE[key] = fs
         return fs
@@ -184,9 +250,20 @@ def _is_transient(exc: BaseException) -> bool:
     return not any(p in text for p in permanent)
 
 
-def _with_retry(uri: str, what: str, fn: Callable[[], T]) -> T:
-    """Run `fn`; retry transient S3 errors with bounded exponential backoff. Errors -> `StorageError`."""
-    attempts = RETRY_ATTEMPTS if is_s3(uri) else 1
+def _backoff(attempt: int) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(max, base * 2**attempt)]."""
+    return random.uniform(0.0, min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * (2 ** attempt)))
+
+
+def _with_retry(uri: str, what: str, fn: Callable[[], T], retry: bool = True) -> T:
+    """Run `fn`; retry transient S3 errors with jittered backoff within the operation deadline.
+
+    Errors become one-line `StorageError`s; ``retry=False`` makes one attempt (cleanup after a failure).
+    """
+    remote = is_s3(uri)
+    limits = _SETTINGS
+    attempts = max(RETRY_ATTEMPTS, limits.retries) if remote and retry else 1
+    start = time.monotonic()
     for attempt in range(attempts):
         try:
             return fn()
@@ -195,13 +272,20 @@ def _with_retry(uri: str, what: str, fn: Callable[[], T]) -> T:
         except FileNotFoundError as exc:
             raise StorageError(f"{uri}: not found ({what})") from exc
         except OSError as exc:
-            if attempt + 1 < attempts and _is_transient(exc):
-                delay = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * (2 ** attempt))
-                log.warning("%s %s failed (%s); retry %d/%d in %.2fs", what, uri, exc, attempt + 1,
+            elapsed = time.monotonic() - start
+            reason = " ".join(str(exc).split())[:300]
+            if remote and elapsed >= limits.deadline_s:
+                raise StorageError(f"{uri}: cannot {what}: deadline of {limits.deadline_s:g} s exceeded after "
+                                   f"{attempt + 1} attempt(s) ({reason})") from None
+            delay = _backoff(attempt)
+            # another attempt only if it can still finish (one request timeout) inside the deadline
+            room = limits.deadline_s - elapsed - delay - S3_SDK_MAX_ATTEMPTS * _request_timeout(limits)
+            if attempt + 1 < attempts and _is_transient(exc) and room > 0:
+                log.warning("%s %s failed (%s); retry %d/%d in %.2fs", what, uri, reason, attempt + 1,
                             attempts - 1, delay)
                 time.sleep(delay)
                 continue
-            raise StorageError(f"{uri}: cannot {what}: {exc}") from exc
+            raise StorageError(f"{uri}: cannot {what}: {reason}") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -383,14 +467,172 @@ def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
     write_bytes(uri, text.encode(encoding))
 
 
-def delete(uri: str) -> None:
-    """Delete a file, or a directory / prefix with everything under it; a missing target is not an error."""
+def delete(uri: str, retry: bool = True) -> None:
+    """Delete a file, or a directory / prefix with everything under it; a missing target is not an error.
+
+    ``retry=False``: one attempt per call (cleanup after a failure must not spend minutes on a dead endpoint).
+    """
     uri = str(uri)
     fs, path = get_filesystem(uri)
-    info = _info(uri)
+    info = _with_retry(uri, "stat", lambda: fs.get_file_info(path), retry=retry)
     if info.type == pafs.FileType.NotFound:
         return
     if info.type == pafs.FileType.Directory:
-        _with_retry(uri, "delete", lambda: fs.delete_dir(path))
+        _with_retry(uri, "delete", lambda: fs.delete_dir(path), retry=retry)
     else:
-        _with_retry(uri, "delete", lambda: fs.delete_file(path))
+        _with_retry(uri, "delete", lambda: fs.delete_file(path), retry=retry)
+
+
+# ----------------------------------------------------------------------------------------------- lease
+
+LEASE_NAME = "_lease.json"
+LEASE_S3_SETTLE_S = 1.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """One writer per prefix (see the module docstring). Use through `lease(...)`."""
+
+    def __init__(self, prefix: str, owner: str, ttl_s: float):
+        self.prefix = str(prefix).rstrip("/")
+        self.uri = join(self.prefix, LEASE_NAME)
+        self.ttl_s = float(ttl_s)
+        self.record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                       "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._made_dir: str | None = None
+        self.lost: str | None = None
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps(dict(self.record, heartbeat=now, expires=now + self.ttl_s), sort_keys=True).encode()
+
+    def holder(self) -> dict | None:
+        """The current lease record, or None when there is none (or it is unreadable). An unreachable store is a
+        `StorageError`: nobody can take a lease they cannot read."""
+        fs, path = get_filesystem(self.uri)
+
+        def _read() -> bytes | None:
+            try:
+                with fs.open_input_stream(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+
+        raw = _with_retry(self.uri, "read", _read)
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _stale(self, rec: dict) -> bool:
+        if float(rec.get("expires", 0)) < time.time():
+            return True
+        # a writer on this host that died without releasing (SIGKILL) does not hold its lease until expiry
+        return rec.get("host") == socket.gethostname() and not _pid_alive(int(rec.get("pid", -1)))
+
+    def _try_take(self) -> bool:
+        if is_local(self.uri):
+            path = local_path(self.uri)
+            if not os.path.isdir(os.path.dirname(path)):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self._made_dir = os.path.dirname(path)  # removed on release if the writer left it empty
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                rec = self.holder()
+                if rec is None or self._stale(rec):
+                    # take over a stale lease: rename it away atomically so two takers cannot both win
+                    grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+                    try:
+                        os.replace(path, grave) if rec is not None else os.unlink(path)
+                    except FileNotFoundError:
+                        return False
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(grave)
+                    log.warning("%s: taking over a stale lease of %s", self.prefix, _describe(rec))
+                    return self._try_take()
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._body())
+            return True
+        rec = self.holder()
+        if rec is not None and rec.get("token") != self.record["token"] and not self._stale(rec):
+            return False
+        write_bytes(self.uri, self._body())
+        time.sleep(LEASE_S3_SETTLE_S)  # a concurrent taker's PUT lands in this window; the last PUT wins
+        rec = self.holder()
+        return rec is not None and rec.get("token") == self.record["token"]
+
+    def acquire(self, wait_s: float = 0.0) -> "Lease":
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while not self._try_take():
+            if time.monotonic() >= deadline:
+                raise StorageError(f"{self.prefix}: another writer holds it ({_describe(self.holder())}); "
+                                   f"wait for it to finish or choose another output")
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        self._thread = threading.Thread(target=self._heartbeat, name="lgff-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                rec = self.holder()
+                if rec is None or rec.get("token") != self.record["token"]:
+                    self.lost = f"taken over by {_describe(rec)}"
+                    return
+                write_bytes(self.uri, self._body())
+            except StorageError as exc:  # the next check() reports it if the lease really expired
+                log.warning("%s: lease heartbeat failed: %s", self.prefix, exc)
+
+    def check(self) -> None:
+        """Raise `StorageError` unless this process still holds the lease (call before publishing)."""
+        rec = self.holder()  # an unreachable store raises: nothing is published without a confirmed lease
+        if self.lost or rec is None or rec.get("token") != self.record["token"]:
+            raise StorageError(f"{self.prefix}: lost the writer lease ({self.lost or _describe(rec)}); "
+                               "nothing published")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(StorageError):  # an expired lease is as good as released
+            rec = self.holder()
+            if rec is not None and rec.get("token") == self.record["token"]:
+                delete(self.uri, retry=False)
+        if self._made_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._made_dir)  # only succeeds when empty: a failed run leaves no trace
+
+
+def _describe(rec: dict | None) -> str:
+    if not rec:
+        return "holder unknown"
+    age = time.time() - float(rec.get("heartbeat", 0))
+    return (f"{rec.get('owner', '?')} on host {rec.get('host', '?')} pid {rec.get('pid', '?')}, "
+            f"heartbeat {age:.0f} s ago")
+
+
+@contextlib.contextmanager
+def lease(prefix: str, owner: str, wait_s: float | None = None, ttl_s: float | None = None) -> Iterator[Lease]:
+    """Hold the writer lease of `prefix` for the block; a second writer waits up to `wait_s` (default
+    ``settings().lease_wait_s``), then fails naming the holder."""
+    limits = _SETTINGS
+    held = Lease(prefix, owner, limits.lease_ttl_s if ttl_s is None else ttl_s).acquire(
+        limits.lease_wait_s if wait_s is None else wait_s)
+    try:
+        yield held
+    finally:
+        held.release()

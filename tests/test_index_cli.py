@@ -153,6 +153,15 @@ def test_bad_inputs_exit_2(emb_uri, tmp_path, capsys):
     emb_col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), D)
     pq.write_table(t.set_column(5, "embedding", emb_col), f"{bad}/part-00000.parquet")
     assert run("index", "build", "--embeddings", bad, "--out", str(tmp_path / "i2")) == 2
+    assert "part-00000.parquet: shard does not match the embeddings manifest" in capsys.readouterr().err
+    # ... and with a manifest that matches the tampered bytes, the vectors themselves are checked
+    import hashlib
+    import json
+
+    manifest = json.loads(open(f"{bad}/_manifest.json").read())
+    manifest["shards"][0]["sha256"] = hashlib.sha256(open(f"{bad}/part-00000.parquet", "rb").read()).hexdigest()
+    open(f"{bad}/_manifest.json", "w").write(json.dumps(manifest))
+    assert run("index", "build", "--embeddings", bad, "--out", str(tmp_path / "i2")) == 2
     assert "NaN or inf (first at row 5)" in capsys.readouterr().err
     assert not (tmp_path / "i2" / "index.json").exists()
 

@@ -26,9 +26,15 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = False, def
 
 
 def load_args_config(args: argparse.Namespace):
+    """The run config from --config / --set; its `storage` limits are applied to every object-store call."""
+    import dataclasses
+
+    from .. import storage
     from ..config import load_config
 
-    return load_config(getattr(args, "config", None), getattr(args, "overrides", None) or [])
+    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None) or [])
+    storage.configure(**dataclasses.asdict(cfg.storage))
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
                    help="embed only the contiguous block I of N of the input shards")
     p.add_argument("--weights", help="override model.backbone.weights for --baseline (e.g. none)")
     p.add_argument("--block", help="with `block`: a block from `lgff plan` (JSON file / URI, or the JSON itself)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the estimated peak memory exceeds the available memory")
     add_config_args(p)
     p.set_defaults(func=_embed)
     # `finalize` / `collect` are positional actions; plain `lgff embed --data ...` stays the main form
@@ -73,6 +75,13 @@ def _embed(args) -> int:
     block = shard_subset(manifest.num_shards, *args.shard)
     total = sum(manifest.shards[i].num_rows for i in block)
     embedder = load_embedder(args.model, cfg, args.baseline, weights=args.weights)
+    if not args.no_memory_check:
+        from ..config import config_from_dict
+        from ..memory import check_memory
+        from ..train.checkpoint import read_sidecar
+
+        model_cfg = (config_from_dict(read_sidecar(args.model)["config"]).model if args.model else cfg.model)
+        check_memory("embed", model_cfg, embedder.image_size, cfg.embed.batch_size, neck=not args.baseline)
     with tqdm(total=total, unit="img", desc=f"embed {args.shard[0]}/{args.shard[1]}", file=sys.stderr,
               disable=None) as bar:
         summary = embed_dataset(args.model, args.data, args.out, cfg, args.baseline, args.shard,

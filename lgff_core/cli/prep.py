@@ -87,6 +87,7 @@ def _options(args, cfg):
         workers=args.workers if args.workers is not None else cfg.data.workers,
         seed=args.seed if args.seed is not None else cfg.seed,
         on_error=args.on_error or cfg.data.on_error,
+        max_pixels=cfg.data.max_pixels,
         progress=progress,
     )
 

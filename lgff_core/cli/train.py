@@ -29,6 +29,8 @@ def register(subparsers) -> None:
                    help="previous stage's checkpoint, or its training output directory (uses its best/)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint under --out")
     p.add_argument("--feature-cache", metavar="URI", help="cache frozen-backbone features here and train from them")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the estimated peak memory exceeds the available memory")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
                    help="end this invocation after epoch N (the run can be continued with --resume)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -85,21 +87,33 @@ def run(args: argparse.Namespace) -> int:
         data = args.data
     if not data:
         raise DataError(f"no dataset: pass --data or set strategy[{args.stage}].data in the config")
+    if not args.no_memory_check and stage_cfg.model.kind == "embedding":
+        from ..memory import check_memory
+
+        check_memory("train", stage_cfg.model, stage_cfg.train.image_size, stage_cfg.train.batch_size)
 
     def stop_hook(row: dict) -> None:
         if args.stop_after_epoch is not None and row["epoch"] >= args.stop_after_epoch:
             raise StopTraining
 
-    if stage_cfg.model.kind == "detection":
-        from ..train.detection import train_detection
+    import contextlib
 
-        if args.feature_cache:
-            raise DataError("--feature-cache: detection training reads images (augmented boxes and masks)")
-        summary = train_detection(stage_cfg, data, args.out, init=args.init, resume=args.resume, progress=True,
-                                  on_epoch_end=stop_hook)
-    else:
-        summary = train_stage(stage_cfg, data, args.out, init=args.init, resume=args.resume,
-                              feature_cache=args.feature_cache, progress=True, on_epoch_end=stop_hook)
+    from .. import storage
+
+    # one writer per --out (two runs into one prefix would interleave checkpoints); under torchrun rank 0 writes
+    held = (storage.lease(args.out, owner="lgff train") if int(os.environ.get("RANK", "0")) == 0
+            else contextlib.nullcontext())
+    with held:
+        if stage_cfg.model.kind == "detection":
+            from ..train.detection import train_detection
+
+            if args.feature_cache:
+                raise DataError("--feature-cache: detection training reads images (augmented boxes and masks)")
+            summary = train_detection(stage_cfg, data, args.out, init=args.init, resume=args.resume, progress=True,
+                                      on_epoch_end=stop_hook)
+        else:
+            summary = train_stage(stage_cfg, data, args.out, init=args.init, resume=args.resume,
+                                  feature_cache=args.feature_cache, progress=True, on_epoch_end=stop_hook)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary.get("last")},

@@ -3,6 +3,8 @@
 A converter lists its inputs as `Task`s (cheap metadata only: a sample id, a module-level loader function and its
 picklable arguments), computes a source fingerprint, and calls `write_dataset`. `write_dataset`:
 
+0. takes the writer lease of the output prefix (`storage.lease`): a second writer into the same prefix waits or
+   fails naming the holder, and never deletes the first one's parts; the lease is checked again before publishing;
 1. checks the output prefix: a manifest with the same fingerprint -> nothing to do; a different fingerprint ->
    `DataError` (never overwrite another dataset); part files without a manifest (a killed run) -> deleted;
 2. sorts a task list by sample id (a task iterator must already be in that order: file-tree converters stream
@@ -68,6 +70,8 @@ class ConvertOptions:
     seed: int = 0
     on_error: str = "fail"  # "fail" | "skip"
     row_group_mb: float = 4.0
+    # images declaring more pixels (from the header) are refused (data.max_pixels)
+    max_pixels: int = 50_000_000
     progress: Optional[Callable[[Iterable], Iterable]] = None  # e.g. tqdm, supplied by the CLI
 
     def __post_init__(self) -> None:
@@ -161,6 +165,15 @@ def write_dataset(
     how file-tree converters keep memory flat in the number of images). `total` sizes the progress bar.
     """
     out_uri = str(out_uri).rstrip("/")
+    with storage.lease(out_uri, owner=f"lgff prep {converter}") as held:
+        return _write_dataset_leased(out_uri, tasks, held, converter=converter, params=params,
+                                     source_fingerprint=source_fingerprint, label_names=label_names,
+                                     options=options, schema=schema, kind=kind, skipped=skipped, extra=extra,
+                                     total=total)
+
+
+def _write_dataset_leased(out_uri, tasks, held, *, converter, params, source_fingerprint, label_names, options,
+                          schema, kind, skipped, extra, total) -> Manifest:
     existing = prepare_output(out_uri, source_fingerprint)
     if existing is not None:
         log.info("%s: already holds this dataset (fingerprint %s): nothing to do", out_uri, source_fingerprint[:12])
@@ -215,7 +228,7 @@ def write_dataset(
         writer.abort()
         for info in writer.shards:
             try:
-                storage.delete(storage.join(out_uri, info.name))
+                storage.delete(storage.join(out_uri, info.name), retry=False)
             except LGFFError as exc:  # best effort: a rerun also deletes parts without a manifest
                 log.warning("could not remove %s: %s", info.name, exc)
         raise
@@ -236,6 +249,7 @@ def write_dataset(
     )
     if manifest.num_rows == 0:
         raise DataError(f"{out_uri}: no rows to write (all input(s) skipped or none found)")
+    held.check()
     write_manifest(manifest)
     log.info("%s: %d rows in %d shard(s), %.1f MB, %d skipped", out_uri, manifest.num_rows, len(shards),
              manifest.total_bytes / 2**20, len(skipped))

@@ -8,6 +8,8 @@ consumer layout -> same order. Memory: one row group plus the shuffle buffer.
 
 Yields ``{"image": Tensor | PIL.Image, "label": int, "sample_id": str, "group": str, "index": int}``; ``index`` is
 the row's global position in the dataset (stable across epochs: use it to key a feature cache).
+Every shard is checked against the manifest's sha256 once (in the constructing process, `verify_shard`) and an
+image that cannot be decoded, or declares more than `max_pixels`, is a one-line `DataError` naming its sample_id.
 Note: consumers can receive different numbers of rows (units differ in size); DDP training loops that need equal
 step counts should bound steps per epoch.
 """
@@ -16,13 +18,11 @@ from __future__ import annotations
 import random
 from typing import Callable, Iterator, Optional, Sequence
 
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .. import storage
-from .images import decode_image
-from .shards import Manifest, read_manifest
+from .images import DEFAULT_MAX_PIXELS, decode_image
+from .shards import Manifest, open_shard, read_manifest, verify_shard
 
 __all__ = ["ShardedImageDataset", "consumer_info"]
 
@@ -49,6 +49,7 @@ class ShardedImageDataset(IterableDataset):
         shards: Optional[Sequence[int]] = None,
         decode: bool = True,
         units: Optional[Sequence[tuple[int, int]]] = None,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ):
         self.uri = str(uri).rstrip("/")
         self.manifest: Manifest = read_manifest(self.uri)
@@ -58,8 +59,11 @@ class ShardedImageDataset(IterableDataset):
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.seed = int(seed)
         self.decode = decode
+        self.max_pixels = max_pixels
         self.epoch = 0
         self.shard_indices = list(range(self.manifest.num_shards)) if shards is None else list(shards)
+        for si in self.shard_indices:  # once, here: DataLoader workers then read what was verified
+            verify_shard(self.manifest, si)
         offsets = self.manifest.shard_offsets()
         # (shard index, row group index, global index of the group's first row)
         self.units: list[tuple[int, int, int]] = []
@@ -103,11 +107,11 @@ class ShardedImageDataset(IterableDataset):
     def _iter_rows(self) -> Iterator[dict]:
         columns = ["sample_id", "image" if self.decode else None, "label", "group", "split"]
         columns = [c for c in columns if c]
-        open_shard, pf = None, None
+        current, pf = None, None
         for si, gi, start in self._my_units():
-            if si != open_shard:
-                pf = pq.ParquetFile(storage.open_input_file(self.manifest.shard_uri(si)))
-                open_shard = si
+            if si != current:
+                pf = open_shard(self.manifest, si)
+                current = si
             table = pf.read_row_group(gi, columns=columns)
             cols = {c: table.column(c).to_pylist() for c in columns if c != "image"}
             images = table.column("image") if self.decode else None
@@ -124,7 +128,7 @@ class ShardedImageDataset(IterableDataset):
 
     def _finish(self, row: dict) -> dict:
         if self.decode:
-            image = decode_image(row["image"])
+            image = decode_image(row["image"], self.max_pixels, row["sample_id"])
             row["image"] = self.transform(image) if self.transform is not None else image
         else:
             del row["image"]

@@ -7,35 +7,74 @@ numpy arrays) is stored as lossless PNG written with fixed options, so the same 
 marker must be present, which catches truncation) without running the entropy decoder: this keeps a conversion
 close to byte-copy speed. "decode" runs the full decoder as well (slower; catches damage inside the compressed
 data). Formats other than JPEG/PNG are always fully decoded, since they are re-encoded as PNG.
+
+Decompression bombs: both `probe_image` (prep) and `decode_image` (embed / train / report) read the size from the
+header first and refuse an image above ``max_pixels`` (config ``data.max_pixels``, default 50 Mpx) before any pixel
+is decoded. Error texts are deterministic (no object addresses), so a manifest's skip list is reproducible.
 """
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["decode_image", "decode_array", "encode_png", "probe_image", "ImageCheckError"]
+from ..errors import DataError
+
+__all__ = ["decode_image", "decode_array", "encode_png", "probe_image", "ImageCheckError", "DEFAULT_MAX_PIXELS",
+           "check_pixels", "describe_error"]
 
 KEEP_FORMATS = ("JPEG", "PNG")
 PNG_COMPRESS_LEVEL = 1  # histology noise barely compresses; level 1 is ~5x faster than 6 for ~10% more bytes
+
+
+DEFAULT_MAX_PIXELS = 50_000_000  # = DataConfig.max_pixels
+_ADDRESS_RE = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>|\s+at 0x[0-9a-fA-F]+")
 
 
 class ImageCheckError(ValueError):
     """Bytes are not a decodable image (the caller adds which file / row)."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (fully loaded)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB") if im.mode != "RGB" else im.copy()
+class PixelLimitError(ImageCheckError):
+    """The header declares more pixels than the limit allows."""
 
 
-def decode_array(data: bytes) -> np.ndarray:
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"`` without memory addresses (PIL names its BytesIO in some messages)."""
+    text = _ADDRESS_RE.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Raise `ImageCheckError` when the declared size is above the pixel limit (None = no limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise PixelLimitError(f"{width}x{height} = {width * height / 1e6:.1f} Mpx is above the pixel limit "
+                              f"{max_pixels / 1e6:g} Mpx (data.max_pixels; decompression bomb?)")
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, sample_id: str | None = None
+                 ) -> Image.Image:
+    """Encoded bytes -> RGB PIL image (fully loaded). Bad bytes or a size above `max_pixels` (checked from the
+    header, before decoding) raise a one-line `DataError` naming `sample_id`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(io.BytesIO(data)) as im:
+                check_pixels(*im.size, max_pixels)
+                im.load()
+                return im.convert("RGB") if im.mode != "RGB" else im.copy()
+    except ImageCheckError as exc:
+        raise DataError(f"sample_id {sample_id!r}: image is {exc}") from None
+    except Exception as exc:  # PIL raises OSError / SyntaxError / ValueError / struct.error for bad data
+        raise DataError(f"sample_id {sample_id!r}: not a decodable image ({describe_error(exc)})") from None
+
+
+def decode_array(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded bytes -> (H, W, 3) uint8 array."""
-    return np.asarray(decode_image(data))
+    return np.asarray(decode_image(data, max_pixels))
 
 
 def encode_png(pixels: np.ndarray | Image.Image) -> bytes:
@@ -104,8 +143,10 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def probe_image(data: bytes, check: str = "fast") -> tuple[bytes, int, int]:
-    """``(stored_bytes, width, height)`` for source bytes; raises `ImageCheckError` if they are not an image.
+def probe_image(data: bytes, check: str = "fast", max_pixels: int | None = DEFAULT_MAX_PIXELS
+                ) -> tuple[bytes, int, int]:
+    """``(stored_bytes, width, height)`` for source bytes; raises `ImageCheckError` if they are not an image or
+    declare more than `max_pixels` pixels.
 
     check="fast": structural check of JPEG / PNG (see the module docstring); check="decode": also decode fully.
     """
@@ -117,17 +158,20 @@ def probe_image(data: bytes, check: str = "fast") -> tuple[bytes, int, int]:
         # structure first (both modes): the full decoder tolerates a missing PNG IEND, for example
         if data[:2] == b"\xff\xd8":
             size = _jpeg_size(data)
+            check_pixels(*size, max_pixels)
             if check == "fast":
                 return (data, *size)
         elif data[:8] == _PNG_SIGNATURE:
             size = _png_size(data)
+            check_pixels(*size, max_pixels)
             if check == "fast":
                 return (data, *size)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
                 width, height = im.size
+                check_pixels(width, height, max_pixels)
                 if fmt == "JPEG":  # DCT scaling: still reads every scan (so damage is found), ~10x less work
                     im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
                 im.load()
@@ -136,7 +180,9 @@ def probe_image(data: bytes, check: str = "fast") -> tuple[bytes, int, int]:
                 if im.mode not in ("RGB", "RGBA", "L", "I;16", "LA"):
                     im = im.convert("RGB")
                 return encode_png(im), width, height
+    except PixelLimitError:
+        raise
     except ImageCheckError as exc:
         raise ImageCheckError(f"not a decodable image ({exc})") from None
     except Exception as exc:  # PIL raises OSError / SyntaxError / ValueError for bad data
-        raise ImageCheckError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
+        raise ImageCheckError(f"not a decodable image ({describe_error(exc)})") from None

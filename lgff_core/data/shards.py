@@ -24,6 +24,11 @@ Shards are byte-deterministic: fixed writer options, no timestamps, rows in samp
 fixed budget (<= 256 rows / 4 MB: the unit of work that `ShardedImageDataset` deals to workers and ranks), shards
 closed at ``shard_mb``. The manifest records each shard's sha256, bytes, rows, row-group sizes and per-split counts.
 Readers are block iterators (faiss ``contrib`` style): nothing loads a whole dataset.
+
+Readers verify: before a process reads a shard for the first time, the shard's bytes are streamed once through
+sha256 and compared with the manifest (`verify_shard`); a mismatch (a shard rewritten after publication, flipped
+bytes) is a one-line `DataError` naming the shard. Verified shards are remembered per process by
+``(uri, sha256, size, mtime)``, so a shard is hashed once however many blocks are read from it.
 """
 from __future__ import annotations
 
@@ -59,6 +64,8 @@ __all__ = [
     "row_subset",
     "iter_row_range",
     "verify_dataset",
+    "verify_shard",
+    "open_shard",
     "list_stale_parts",
 ]
 
@@ -377,6 +384,64 @@ def _shard_indices(manifest: Manifest, shards: Optional[Iterable[int]]) -> list[
     return out
 
 
+_VERIFIED: set[tuple] = set()
+
+
+def _stream_sha256(uri: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with storage.open_input_stream(uri) as f:
+        while True:
+            chunk = f.read(8 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _identity(uri: str) -> tuple:
+    """What changes when a file is rewritten: its size and modification time."""
+    info = storage._info(uri)
+    if info.type == storage.pafs.FileType.NotFound:
+        raise DataError(f"{uri}: shard listed in the manifest is missing")
+    return (info.size, info.mtime_ns if info.mtime is not None else None)
+
+
+def verify_shard(manifest: Manifest, index: int) -> str:
+    """Check shard `index` against the manifest's sha256 and size (once per process); returns its URI."""
+    info = manifest.shards[index]
+    uri = manifest.shard_uri(index)
+    key = (uri, info.sha256, info.bytes) + _identity(uri)
+    if key in _VERIFIED:
+        return uri
+    digest, size = _stream_sha256(uri)
+    if digest != info.sha256 or size != info.bytes:
+        raise DataError(f"{uri}: shard does not match the dataset manifest (sha256 {digest[:12]}..., {size} bytes; "
+                        f"manifest {info.sha256[:12]}..., {info.bytes} bytes): modified or corrupt after "
+                        f"publication; re-run prep")
+    _VERIFIED.add(key)
+    return uri
+
+
+def _check_schema(manifest: Manifest, uri: str, pf: pq.ParquetFile) -> None:
+    expected = COCO_SCHEMA if manifest.kind == "coco" else IMAGE_SCHEMA
+    actual = pf.schema_arrow
+    for f in expected:
+        if actual.get_field_index(f.name) < 0:
+            raise DataError(f"{uri}: shard has no column {f.name!r} (not a {manifest.kind} shard)")
+        if not actual.field(f.name).type.equals(f.type):
+            raise DataError(f"{uri}: column {f.name!r} is {actual.field(f.name).type}, expected {f.type}")
+
+
+def open_shard(manifest: Manifest, index: int) -> pq.ParquetFile:
+    """The verified shard `index` of a dataset (checksum and schema), opened for reading."""
+    uri = verify_shard(manifest, index)
+    pf = _parquet_file(uri)
+    _check_schema(manifest, uri, pf)
+    return pf
+
+
 def _parquet_file(uri: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(storage.open_input_file(uri))
@@ -396,7 +461,7 @@ def iter_record_batches(
     """Record batches of the given shards (all by default), in row order. Memory: one batch."""
     manifest = manifest or read_manifest(uri)
     for i in _shard_indices(manifest, shards):
-        pf = _parquet_file(manifest.shard_uri(i))
+        pf = open_shard(manifest, i)
         yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
 
 
@@ -409,7 +474,7 @@ def read_table(
     """The given columns of the given shards as one table (ask for small columns: images are large)."""
     manifest = manifest or read_manifest(uri)
     idx = _shard_indices(manifest, shards)
-    tables = [_parquet_file(manifest.shard_uri(i)).read(columns=list(columns) if columns else None) for i in idx]
+    tables = [open_shard(manifest, i).read(columns=list(columns) if columns else None) for i in idx]
     if not tables:
         schema = COCO_SCHEMA if manifest.kind == "coco" else IMAGE_SCHEMA
         if columns:
@@ -451,7 +516,7 @@ def iter_row_range(
         s0, s1 = offsets[si], offsets[si + 1]
         if s1 <= start or s0 >= stop:
             continue
-        pf = _parquet_file(manifest.shard_uri(si))
+        pf = open_shard(manifest, si)
         groups = info.row_groups or [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         g0 = s0
         for gi, n in enumerate(groups):
@@ -474,21 +539,13 @@ def verify_dataset(uri: str) -> list[str]:
     problems = []
     for i, info in enumerate(manifest.shards):
         suri = manifest.shard_uri(i)
-        h = hashlib.sha256()
-        size = 0
         try:
-            with storage.open_input_stream(suri) as f:
-                while True:
-                    chunk = f.read(8 << 20)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    size += len(chunk)
+            digest, size = _stream_sha256(suri)
         except StorageError as exc:
             problems.append(f"{info.name}: cannot read ({exc})")
             continue
-        if h.hexdigest() != info.sha256:
-            problems.append(f"{info.name}: sha256 {h.hexdigest()} != manifest {info.sha256}")
+        if digest != info.sha256:
+            problems.append(f"{info.name}: sha256 {digest} != manifest {info.sha256}")
             continue
         if size != info.bytes:
             problems.append(f"{info.name}: {size} bytes != manifest {info.bytes}")

@@ -9,7 +9,9 @@ A checkpoint is a prefix (local directory or object-store prefix) holding
                            optimizer scalars / param groups, scheduler state and the sha256 + size of every file above
 
 The sidecar is written last and removed first when a prefix is overwritten, so a prefix with a readable sidecar
-whose listed files match their sha256 is complete; anything else is refused (`CheckpointError`). Only safetensors
+whose listed files match their sha256 is complete; anything else is refused (`CheckpointError`). A copy killed
+half-way (``last/``, ``best/``) therefore leaves an incomplete prefix, never a mixture, and `repair_published`
+redoes it on resume from the resume point, which is always complete. Only safetensors
 are read: pickled checkpoints (.pt / .pth / .ckpt / .bin / torch zip archives) are refused, nothing is unpickled.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "is_complete",
     "load_tensors",
     "copy_checkpoint",
+    "repair_published",
     "flatten_optimizer_state",
     "unflatten_optimizer_state",
     "checkpoint_prefix",
@@ -197,6 +200,36 @@ def copy_checkpoint(src: str, dst: str) -> None:
         elif storage.exists(storage.join(dst, name)):
             storage.delete(storage.join(dst, name))
     storage.write_bytes(sidecar_uri, storage.read_bytes(storage.join(checkpoint_prefix(src), SIDECAR_FILE)))
+
+
+def _epoch_of(prefix: str) -> Optional[int]:
+    try:
+        return int(read_sidecar(prefix).get("epoch", -1))
+    except CheckpointError:
+        return None
+
+
+def repair_published(resume_from: str, meta: dict[str, Any], last: str, best: str) -> list[str]:
+    """After a kill during publication: make `last` hold the resume point's epoch and `best` the epoch its
+    ``meta["best"]`` names, copying from `resume_from` (a complete checkpoint). Returns the prefixes repaired."""
+    repaired = []
+    epoch = int(meta["epoch"])
+    best_epoch = int(meta.get("best", {}).get("epoch", 0))
+    wanted = [(last, epoch)] + ([(best, best_epoch)] if best_epoch else [])
+    for dst, want in wanted:
+        dst = str(dst).rstrip("/")
+        if dst == checkpoint_prefix(resume_from) or _epoch_of(dst) == want:
+            continue
+        if want != epoch:
+            # only the resume point's epoch can be restored; an older best that is gone was removed by hand
+            raise CheckpointError(f"{dst}: should hold epoch {want} (recorded as best) but holds "
+                                  f"{_epoch_of(dst) or 'no complete checkpoint'}; it cannot be rebuilt from "
+                                  f"{resume_from} (epoch {epoch})")
+        log.warning("%s: incomplete or stale (interrupted while publishing epoch %d): copying it again from %s",
+                    dst, want, resume_from)
+        copy_checkpoint(resume_from, dst)
+        repaired.append(dst)
+    return repaired
 
 
 # ----------------------------------------------------------------------------------------------- optimizer state

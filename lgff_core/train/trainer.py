@@ -174,9 +174,11 @@ def _labels_by_split(data_uri: str, cfg: LGFFConfig):
 
 
 def _iter_split_batches(data_uri: str, split: str, transform: Callable, batch_size: int,
-                        manifest=None) -> Iterator[dict]:
+                        manifest=None, cfg_max_pixels: Optional[int] = None) -> Iterator[dict]:
     """Every row of `split` in dataset order (no rank / worker split), collated into batches of images."""
-    from ..data.images import decode_image
+    from ..data.images import DEFAULT_MAX_PIXELS, decode_image
+
+    cfg_max_pixels = cfg_max_pixels or DEFAULT_MAX_PIXELS
     from ..data.shards import iter_record_batches
 
     images, labels, ids, groups = [], [], [], []
@@ -193,7 +195,7 @@ def _iter_split_batches(data_uri: str, split: str, transform: Callable, batch_si
         for i, s in enumerate(cols["split"]):
             if s != split:
                 continue
-            images.append(transform(decode_image(cols["image"][i])))
+            images.append(transform(decode_image(cols["image"][i], cfg_max_pixels, cols["sample_id"][i])))
             labels.append(int(cols["label"][i]) if cols["label"][i] is not None else -1)
             ids.append(cols["sample_id"][i])
             groups.append(cols["group"][i])
@@ -344,7 +346,8 @@ def train_stage(
                 dist.barrier()
             bar = _bar(progress and dist.main, total=n, desc=f"feature cache {split}", unit="img")
             caches[split] = build_feature_cache(
-                extract, lambda s=split: _iter_split_batches(data_uri, s, eval_tf, tc.batch_size, manifest),
+                extract, lambda s=split: _iter_split_batches(data_uri, s, eval_tf, tc.batch_size, manifest,
+                                                            cfg.data.max_pixels),
                 feature_cache, key, digest, n, progress=bar.update)
             bar.close()
             if dist.main:
@@ -356,7 +359,8 @@ def train_stage(
     if not caches:
         train_dataset = ShardedImageDataset(data_uri, split=tc.train_split,
                                             transform=train_transform(data_config, image_size, tc.augment),
-                                            shuffle=True, shuffle_buffer=tc.shuffle_buffer, seed=cfg.seed)
+                                            shuffle=True, shuffle_buffer=tc.shuffle_buffer, seed=cfg.seed,
+                                            max_pixels=cfg.data.max_pixels)
     steps_per_epoch = max(1, math.ceil(n_train / dist.world / tc.batch_size))
     total_steps = steps_per_epoch * tc.epochs
 
@@ -536,7 +540,7 @@ def _validate(model, caches, data_uri, cfg, eval_tf, extract, device, manifest, 
     bs = max(tc.batch_size, 64)
 
     def source(split):
-        return lambda: _iter_split_batches(data_uri, split, eval_tf, bs, manifest)
+        return lambda: _iter_split_batches(data_uri, split, eval_tf, bs, manifest, cfg.data.max_pixels)
 
     xb, yb = _embed(model, caches.get(tc.train_split), source(tc.train_split), extract, device, bs)
     if caches.get(tc.val_split) is not None or (not caches and manifest.split_counts.get(tc.val_split, 0)):
@@ -574,6 +578,8 @@ def _publish(out_uri, model, loss_fn, optimizer, schedule, meta, improved, devic
 
 def _restore(prefix, model, loss_fn, optimizer, schedule, class_names, backbone_info, out_uri, device):
     meta = ckpt.read_sidecar(prefix)
+    # a kill while copying into last/ or best/ leaves them incomplete (or one epoch behind): redo the copies
+    ckpt.repair_published(prefix, meta, storage.join(out_uri, LAST), storage.join(out_uri, BEST))
     if meta.get("class_names") != class_names:
         raise CheckpointError(f"--resume {prefix}: checkpoint classes {meta.get('class_names')} differ from the "
                               f"data's {class_names}; use a new --out (or --init) for different data")
@@ -586,6 +592,9 @@ def _restore(prefix, model, loss_fn, optimizer, schedule, class_names, backbone_
     schedule.load_state_dict(meta["schedule"])
     _restore_rng(tensors, device)
     history = [h for h in _read_metrics(out_uri) if h["epoch"] <= meta["epoch"]]
+    if meta.get("metrics") and not any(h["epoch"] == meta["epoch"] for h in history):
+        # killed between publishing the checkpoint and writing metrics.jsonl: the sidecar holds that epoch's row
+        history.append(meta["metrics"])
     best = meta.get("best", {})
     log.info("resuming from %s after epoch %d", prefix, meta["epoch"])
     return int(meta["epoch"]), float(best.get("val_recall@1", -1.0)), int(best.get("epoch", 0)), history

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ...errors import DataError
 from ..convert import ConvertOptions, RowError, Task, fingerprint, write_dataset
-from ..images import ImageCheckError, probe_image
+from ..images import DEFAULT_MAX_PIXELS, ImageCheckError, describe_error, probe_image
 from ..shards import COCO_SCHEMA, Manifest
 
 __all__ = ["convert_coco", "load_coco_json", "annotation_to_row", "row_annotation_to_coco"]
@@ -52,6 +52,32 @@ def load_coco_json(path: str | os.PathLike):
     for i, ann in enumerate(data.get("annotations", [])):
         if not isinstance(ann, dict) or "image_id" not in ann or "id" not in ann:
             raise DataError(f"{path}: annotations[{i}] needs 'id' and 'image_id'")
+    def _int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def _num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for i, img in enumerate(data.get("images", [])):
+        if not _int(img["id"]) or not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DataError(f"{path}: images[{i}] needs an integer 'id' and a non-empty string 'file_name'")
+        for key in ("width", "height"):
+            if key in img and not (_int(img[key]) and img[key] >= 0):
+                raise DataError(f"{path}: images[{i}].{key} must be a non-negative integer, got {img[key]!r}")
+    for i, ann in enumerate(data.get("annotations", [])):
+        if not _int(ann["id"]) or not _int(ann["image_id"]) or not _int(ann.get("category_id", 0)):
+            raise DataError(f"{path}: annotations[{i}] 'id', 'image_id' and 'category_id' must be integers")
+        if "bbox" in ann and not (isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4
+                                  and all(_num(v) for v in ann["bbox"])):
+            raise DataError(f"{path}: annotations[{i}].bbox must be [x, y, width, height], got {ann['bbox']!r}")
+        for key in ("area", "iscrowd"):
+            if key in ann and not _num(ann[key]):
+                raise DataError(f"{path}: annotations[{i}].{key} must be a number, got {ann[key]!r}")
+        if "segmentation" in ann and not isinstance(ann["segmentation"], (list, dict)):
+            raise DataError(f"{path}: annotations[{i}].segmentation must be polygons or RLE")
+    for i, cat in enumerate(data.get("categories", [])):
+        if not isinstance(cat, dict) or not _int(cat.get("id")):
+            raise DataError(f"{path}: categories[{i}] needs an integer 'id'")
     for key in ("images", "annotations"):
         seen: dict = {}
         for i, item in enumerate(data.get(key, [])):
@@ -115,7 +141,7 @@ def row_annotation_to_coco(ann: dict, image_id: int) -> dict:
 
 
 def load_coco_image(path: str, image_id: int, annotations: list[dict], split: str, declared: tuple[int, int],
-                    check: str) -> dict:
+                    check: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     if not os.path.isfile(path):
         ids = [a["id"] for a in annotations]
         raise RowError(f"image file not found (image_id {image_id}, referenced by annotation id(s) "
@@ -123,7 +149,7 @@ def load_coco_image(path: str, image_id: int, annotations: list[dict], split: st
     with open(path, "rb") as f:
         data = f.read()
     try:
-        stored, width, height = probe_image(data, check=check)
+        stored, width, height = probe_image(data, check=check, max_pixels=max_pixels)
     except ImageCheckError as exc:
         raise RowError(f"image_id {image_id}: {exc}") from None
     if declared[0] and declared[1] and (width, height) != declared:
@@ -172,17 +198,21 @@ def convert_coco(
             h, w = int(info.get("height", 0)), int(info.get("width", 0))
             for a in sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
                 anns.append(annotation_to_row(a, h, w, f"{where} annotation id {a['id']}"))
-        except RowError as exc:
+        except (RowError, TypeError, ValueError, KeyError, IndexError) as exc:
+            reason = str(exc) if isinstance(exc, RowError) else f"{where}: malformed annotation ({describe_error(exc)})"
             if options.on_error == "fail":
-                raise DataError(str(exc)) from None
-            skipped.append({"input": where, "reason": str(exc)})
+                raise DataError(reason) from None
+            skipped.append({"input": where, "reason": reason})
             continue
         file_name = str(info["file_name"])
         path = images_dir / file_name
+        if not path.resolve().is_relative_to(images_dir.resolve()):  # a file name is never trusted as a path
+            raise DataError(f"{where}: file_name {file_name!r} points outside --images {images_dir}")
         size = path.stat().st_size if path.is_file() else -1
         listing.append((file_name, size, image_id, anns))
         tasks.append(Task(sample_id=f"{image_id:012d}", source=f"{path} (image_id {image_id})",
-                          loader=load_coco_image, args=(str(path), image_id, anns, split, (w, h), check)))
+                          loader=load_coco_image, args=(str(path), image_id, anns, split, (w, h), check,
+                                                          options.max_pixels)))
     categories = sorted(({"id": int(c["id"]), "name": str(c.get("name", c["id"])),
                           "supercategory": str(c.get("supercategory", ""))} for c in coco.dataset["categories"]),
                         key=lambda c: c["id"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ...errors import DataError
 from ..convert import ConvertOptions, RowError, Task, fingerprint, write_dataset
-from ..images import ImageCheckError, probe_image
+from ..images import DEFAULT_MAX_PIXELS, ImageCheckError, probe_image
 from ..shards import Manifest
 
 __all__ = ["convert_imagefolder", "convert_kimia", "IMAGE_EXTENSIONS", "load_image_file"]
@@ -31,7 +31,8 @@ SPLIT_NAMES = ("train", "val", "test")
 KIMIA_SCAN_RE = re.compile(r"^s(\d+)$")
 
 
-def load_image_file(path: str, label: int, label_name: str, group: str, split: str, check: str) -> dict:
+def load_image_file(path: str, label: int, label_name: str, group: str, split: str, check: str,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Loader: one image file -> row (original bytes for JPEG/PNG)."""
     try:
         with open(path, "rb") as f:
@@ -39,34 +40,49 @@ def load_image_file(path: str, label: int, label_name: str, group: str, split: s
     except OSError as exc:
         raise RowError(f"cannot read ({exc.strerror or exc})") from None
     try:
-        stored, width, height = probe_image(data, check=check)
+        stored, width, height = probe_image(data, check=check, max_pixels=max_pixels)
     except ImageCheckError as exc:
         raise RowError(str(exc)) from None
     return {"image": stored, "label": label, "label_name": label_name, "group": group, "split": split,
             "width": width, "height": height}
 
 
-def _walk_images(folder: str | os.PathLike) -> Iterator[tuple[str, int]]:
+def _walk_images(folder: str | os.PathLike, _seen: tuple = ()) -> Iterator[tuple[str, int]]:
     """``(path, size)`` of the image files under `folder`, in the string order of their paths.
 
     Entries of a directory are sorted by name with "/" appended to sub-directory names, which makes a depth-first
-    walk yield full paths in sorted order. Memory: one directory listing at a time.
+    walk yield full paths in sorted order. Memory: one directory listing at a time. Symlinked folders are
+    followed, but a folder that is its own ancestor (a symlink loop) is a `DataError` naming the link.
     """
-    entries = []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                entries.append((e.name + "/", e))
-            elif e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
-                entries.append((e.name, e))
+    try:
+        st = os.stat(folder)
+        seen = _seen + ((st.st_dev, st.st_ino),)
+        entries = []
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    entries.append((e.name + "/", e))
+                elif e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    entries.append((e.name, e))
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list ({exc.strerror or exc}; a symlink loop?)") from None
     entries.sort(key=lambda x: x[0])
     for key, e in entries:
         if key.endswith("/"):
-            yield from _walk_images(e.path)
+            try:
+                st = e.stat()
+            except OSError as exc:
+                raise DataError(f"{e.path}: cannot read ({exc.strerror or exc}; a symlink loop?)") from None
+            if (st.st_dev, st.st_ino) in seen:
+                raise DataError(f"{e.path}: symlink loop (links back to {os.path.realpath(e.path)})")
+            yield from _walk_images(e.path, seen)
         else:
-            yield e.path, e.stat().st_size
+            try:
+                yield e.path, e.stat().st_size
+            except OSError as exc:
+                raise DataError(f"{e.path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -110,7 +126,8 @@ def _scan_tree(src: Path, entries: list[Entry], skipped: list[dict], options: Co
 
 
 def _iter_tasks(src: Path, entries: list[Entry], check: str,
-                split_fractions: Optional[dict[str, float]] = None, seed: int = 0) -> Iterator[Task]:
+                split_fractions: Optional[dict[str, float]] = None, seed: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Task]:
     """Pass 2: one Task per image, lazily, in sample_id order."""
     prefix = len(str(src).rstrip(os.sep)) + 1
     for split, class_dir, label, label_name, group_rule in entries:
@@ -120,7 +137,7 @@ def _iter_tasks(src: Path, entries: list[Entry], check: str,
             if split_fractions:
                 split = hashed_split(group, seed, split_fractions)
             yield Task(sample_id=rel, source=path, loader=load_image_file,
-                       args=(path, label, label_name, group, split, check))
+                       args=(path, label, label_name, group, split, check, max_pixels))
 
 
 def parse_split_fractions(text: str) -> dict[str, float]:
@@ -180,7 +197,7 @@ def convert_imagefolder(
     params = {"split": split, "check": check, "shard_mb": options.shard_mb}
     if split_fractions:
         params.update(split_fractions=split_fractions, seed=options.seed)
-    tasks = _iter_tasks(root, entries, check, split_fractions, options.seed)
+    tasks = _iter_tasks(root, entries, check, split_fractions, options.seed, options.max_pixels)
     return write_dataset(
         out, tasks, converter="imagefolder", params=params,
         source_fingerprint=fingerprint("imagefolder", params, [listing]), total=total,
@@ -210,7 +227,7 @@ def convert_kimia(src: str | os.PathLike, out: str, options: ConvertOptions, che
     entries, listing, total = _scan_tree(root, entries, skipped, options)
     params = {"check": check, "shard_mb": options.shard_mb}
     return write_dataset(
-        out, _iter_tasks(root, entries, check), converter="kimia", params=params,
+        out, _iter_tasks(root, entries, check, max_pixels=options.max_pixels), converter="kimia", params=params,
         source_fingerprint=fingerprint("kimia", params, [listing]), total=total,
         label_names=label_names, options=options, skipped=skipped,
         extra={"group": "scan (s0..s23)", "label": "scan id"},
