@@ -156,7 +156,6 @@ def test_bad_inputs_exit_2(emb_uri, tmp_path, capsys):
     assert "part-00000.parquet: shard does not match the embeddings manifest" in capsys.readouterr().err
     # ... and with a manifest that matches the tampered bytes, the vectors themselves are checked
     import hashlib
-    import json
 
     manifest = json.loads(open(f"{bad}/_manifest.json").read())
     manifest["shards"][0]["sha256"] = hashlib.sha256(open(f"{bad}/part-00000.parquet", "rb").read()).hexdigest()

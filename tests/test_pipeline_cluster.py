@@ -8,6 +8,7 @@ the metrics equal the kfp.local run's.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -32,12 +33,12 @@ def _compile(name, tmp_path, s3_env, root, extra=()):
     return compile_pipeline(name, cfg, tmp_path / f"{name}.yaml"), cfg
 
 
-def _run(package, s3_env, root, cache, **kw):
+def _run(package, s3_env, root, cache, executor="subprocess", image=None, **kw):
     env = s3_env.env()
     secrets = {SECRET: {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
                         "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"]}}
     result = run_pipeline(package, pipeline_root=root, cache_path=str(cache), secrets=secrets,
-                          env={"OMP_NUM_THREADS": "1"}, **kw)
+                          env={"OMP_NUM_THREADS": "1"}, executor=executor, image=image, **kw)
     print(result.summary_table())
     return result
 
@@ -77,22 +78,32 @@ def test_specs_parse_strictly(tmp_path, s3_env):
 
 
 def test_train_and_index_then_scheduled_reindex(tmp_path, s3_env, images):
+    run_train_and_index_then_reindex(tmp_path, s3_env, images, f"imagefolder:{images}")
+
+
+def run_train_and_index_then_reindex(tmp_path, s3_env, images, source, executor="subprocess", image=None):
+    """Both compiled pipelines under the launcher contract (`executor`: subprocess, or docker in `image`):
+    train_and_index on `source` (metrics equal to kfp.local's), then a scheduled reindex three times."""
     root = s3_env.new_prefix("root")
-    source = f"imagefolder:{images}"
-    package, cfg = _compile("train_and_index", tmp_path, s3_env, root)
-    first = _run(package, s3_env, root, tmp_path / "cache.json", arguments={"source": source})
+    extra = [f"pipeline.image={image}"] if image else []
+    launch = functools.partial(_run, executor=executor, image=image)
+    package, cfg = _compile("train_and_index", tmp_path, s3_env, root, extra)
+    first = launch(package, s3_env, root, tmp_path / "cache.json", arguments={"source": source})
     assert first.count("executed") == len(first.tasks) - first.count("skipped")
     (train,) = first.by_display_name("train-0-stage")
     model_uri = train.outputs["model"][0]["uri"].replace("minio://", "s3://")
     model_bytes = _prefix_bytes(model_uri)
     _check_downloads(first, model_bytes)
-    assert len(first.by_display_name("embed-model")) == 2 and len(first.by_display_name("index-add-model")) == 2
+    (plan,) = first.by_display_name("plan")
+    blocks = len(plan.parameters["Output"])
+    assert len(first.by_display_name("embed-model")) == blocks == len(first.by_display_name("index-add-model"))
+    assert blocks == 2 or not source.startswith("imagefolder:")
     # artifacts are pointers: nothing bulky under any artifact prefix, the bulk lives under <root>/.bulk/
     (collect,) = first.by_display_name("collect-embeddings-model")
     emb_uri = collect.outputs["embeddings"][0]["uri"]
     assert [storage.basename(f) for f in storage.list_files(emb_uri)] == ["_manifest.json"]
     shards = json.loads(storage.read_text(storage.join(emb_uri, "_manifest.json")))["shards"]
-    assert all(s["name"].startswith(root + "/.bulk/") for s in shards) and len(shards) == 2
+    assert all(s["name"].startswith(root + "/.bulk/") for s in shards) and len(shards) == blocks
     assert first.by_display_name("report")[0].status == "executed"
 
     # the same pipeline under kfp.local gives the same metrics
@@ -113,29 +124,29 @@ def test_train_and_index_then_scheduled_reindex(tmp_path, s3_env, images):
     partial = read_manifest(data_uri)
     partial.shards = full.shards[:5]
     write_manifest(partial)
-    rpackage, _ = _compile("reindex", tmp_path, s3_env, root)
+    rpackage, _ = _compile("reindex", tmp_path, s3_env, root, extra)
     args = {"model_uri": model_uri, "data_uri": data_uri, "rows_per_task": 6}
     cache = tmp_path / "reindex-cache.json"
-    r1 = _run(rpackage, s3_env, root, cache, arguments=args)
+    r1 = launch(rpackage, s3_env, root, cache, arguments=args)
     _check_downloads(r1, _prefix_bytes(model_uri))
     assert len(r1.by_display_name("embed-model")) == 5  # the plan: one block per 6-row shard
     n1 = r1.by_display_name("index-merge-model")[0].outputs["index"][0]["metadata"]["num_rows"]
     assert n1 == partial.num_rows == 30
 
     # unchanged data: the scan runs (never cached), everything else is a cache hit
-    r2 = _run(rpackage, s3_env, root, cache, arguments=args)
+    r2 = launch(rpackage, s3_env, root, cache, arguments=args)
     for t in r2.tasks:
         assert t.status == ("executed" if t.display_name == "scan" else "cached"), (t.path, t.status)
 
     # the same compiled YAML with another rows_per_task: 3 blocks (12, 12, 6 rows)
-    r2b = _run(rpackage, s3_env, root, cache, arguments={**args, "rows_per_task": 12})
+    r2b = launch(rpackage, s3_env, root, cache, arguments={**args, "rows_per_task": 12})
     assert len(r2b.by_display_name("embed-model")) == 3
     (plan,) = r2b.by_display_name("plan")
     assert [b["rows"] for b in plan.parameters["Output"]] == [12, 12, 6]
 
     # one shard added (manifest republished): the new block's embed, the index and the evaluation rerun
     write_manifest(full)
-    r3 = _run(rpackage, s3_env, root, cache, arguments=args)
+    r3 = launch(rpackage, s3_env, root, cache, arguments=args)
     status = {}
     for t in r3.tasks:
         status.setdefault(t.display_name, []).append(t.status)
@@ -143,3 +154,5 @@ def test_train_and_index_then_scheduled_reindex(tmp_path, s3_env, images):
     assert status["index-merge-model"] == ["executed"] and status["evaluate-model"] == ["executed"]
     n3 = r3.by_display_name("index-merge-model")[0].outputs["index"][0]["metadata"]["num_rows"]
     assert n3 - n1 == full.shards[-1].num_rows == 6
+    return {"train_and_index": first, "reindex (new data)": r1, "reindex (unchanged)": r2,
+            "reindex (rows_per_task 12)": r2b, "reindex (one shard added)": r3}
