@@ -54,6 +54,20 @@ def test_overfitting_a_few_nuclei_tiles_lowers_the_loss_and_raises_ap(nuclei, tm
     assert "data:image/png;base64" in report and ap[1]["n_gt"] == sum(p["gt"] for p in ap[1]["per_image"])
 
 
+
+@pytest.mark.slow
+def test_the_cpu_preset_neck_starts_with_healthy_losses(nuclei, tmp_path):
+    # regression: the preset's C=256 x 5 LGFFN-D without node normalisation started at loss ~1e5 (features ~5e4)
+    # and diverged; here the paper-size neck at 256 px, 2 steps on the 4 test tiles
+    small = ["model.det_min_size=256", "model.det_max_size=256", "train.device=cpu", "train.epochs=1",
+             "train.train_split=test", "train.val_split=none", "train.augment.enabled=false"]
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--config", "lgffdm_cpu", "--data", nuclei, "--out", str(run), *_sets(small)]) == 0
+    (row,) = _rows(run)
+    assert row["steps"] == 2 and row["train_loss"] < 50, row
+    parts = {k: v for k, v in row.items() if k.startswith("train_loss_")}
+    assert len(parts) == 5 and all(0 <= v < 20 for v in parts.values()), parts
+
 def test_detection_train_rejects_a_class_count_that_does_not_fit(nuclei, tmp_path, capsys):
     code = main(["train", "--config", "lgffdm_cpu", "--data", nuclei, "--out", str(tmp_path / "r"),
                  *_sets(TINY + ["model.num_classes=5"])])

@@ -358,7 +358,7 @@ def test_fmbconv_ca_matches_reference(attention):
         assert (per_position.max() < 1e-6) == (attention == "global")
 
 
-def test_lgffn_d_edges_get_the_design_attention_and_nodes_are_direct_sums():
+def test_lgffn_d_edges_get_the_design_attention_and_nodes_are_normalised_direct_sums():
     from torch import nn
 
     from lgff_core.models.lgffn_detection import FMBConvCA, GlobalChannelAttention, LocalChannelAttention
@@ -381,8 +381,10 @@ def test_lgffn_d_edges_get_the_design_attention_and_nodes_are_direct_sums():
         node = layer.nodes[name]
         assert all(isinstance(e[1], FMBConvCA) for e in node.edges), name
         assert [(type(e[0]), type(e[1].ca)) for e in node.edges] == edges, name
-        assert isinstance(node.combine, SumFusion) and isinstance(node.post, nn.Identity)
-    # numbers: re-run the graph with plain nearest upsampling, 3x3/s2 max pooling and sums over the edge blocks
+        assert isinstance(node.combine, SumFusion) and isinstance(node.post, nn.GroupNorm), name
+        assert node.post.num_groups == 1 and not node.post.affine, name
+    # numbers: re-run the graph with plain nearest upsampling, 3x3/s2 max pooling and sums over the edge blocks,
+    # each node's sum standardised per sample over (C, H, W)
     p1, p2, p3, p4 = feats = [torch.randn(1, 8, 32 // s, 24 // s) for s in (1, 2, 4, 8)]
 
     def block(name, i):
@@ -394,16 +396,33 @@ def test_lgffn_d_edges_get_the_design_attention_and_nodes_are_direct_sums():
     def down(x):
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
+    def norm(x):
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        var = x.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (x - mean) / torch.sqrt(var + 1e-5)
+
     with torch.no_grad():
-        p3_1 = block("p3_1", 0)(p3) + block("p3_1", 1)(up(p4))
-        p2_1 = block("p2_1", 0)(p2) + block("p2_1", 1)(up(p3_1))
-        p1_2 = block("p1_2", 0)(p1) + block("p1_2", 1)(up(p2_1))
-        p2_2 = block("p2_2", 0)(p2) + block("p2_2", 1)(p2_1) + block("p2_2", 2)(down(p1_2))
-        p3_2 = block("p3_2", 0)(p3) + block("p3_2", 1)(p3_1) + block("p3_2", 2)(down(p2_2))
-        p4_2 = block("p4_2", 0)(p4) + block("p4_2", 1)(down(p3_2))
+        p3_1 = norm(block("p3_1", 0)(p3) + block("p3_1", 1)(up(p4)))
+        p2_1 = norm(block("p2_1", 0)(p2) + block("p2_1", 1)(up(p3_1)))
+        p1_2 = norm(block("p1_2", 0)(p1) + block("p1_2", 1)(up(p2_1)))
+        p2_2 = norm(block("p2_2", 0)(p2) + block("p2_2", 1)(p2_1) + block("p2_2", 2)(down(p1_2)))
+        p3_2 = norm(block("p3_2", 0)(p3) + block("p3_2", 1)(p3_1) + block("p3_2", 2)(down(p2_2)))
+        p4_2 = norm(block("p4_2", 0)(p4) + block("p4_2", 1)(down(p3_2)))
         for out, ref in zip(layer(feats), (p1_2, p2_2, p3_2, p4_2)):
             torch.testing.assert_close(out, ref)
 
+
+
+def test_lgffn_d_features_keep_unit_scale_through_the_paper_depth():
+    # regression: un-normalised direct sums of residual edges multiplied the std by ~9 per layer (C=256 x 5 on
+    # unit-std stem outputs: std ~5e4 at the last layer, Mask R-CNN losses ~1e5 and divergence)
+    torch.manual_seed(0)
+    neck = LGFFND(256, 5).train()
+    feats = [torch.randn(2, 256, 64 // s, 64 // s) for s in (1, 2, 4, 8)]
+    with torch.no_grad():
+        outs = neck(feats)
+    for level, out in enumerate(outs):
+        assert torch.isfinite(out).all() and 0.5 < float(out.std()) < 2.0, (level, float(out.std()))
 
 def test_gem_mini_head_layer_order_matches_reference():
     from lgff_core.models import GeMMiniHead
