@@ -112,7 +112,9 @@ def write_detection_report(metrics_uris: Sequence[str], out_uri: str,
         if data.get("kind") != "detection":
             raise DataError(f"{uri}: not a detection metrics file (kind {data.get('kind')!r})")
         results.append(data)
-        bases.append(str(uri)[: -len("/metrics.json")] if str(uri).endswith("metrics.json") else str(uri))
+        # a pipeline artifact's metrics.json is a pointer: its overlays lie in the bulk prefix it names
+        bulk = (data.get("bulk") or {}).get("prefix")
+        bases.append(bulk or (str(uri)[: -len("/metrics.json")] if str(uri).endswith("metrics.json") else str(uri)))
     out_uri = str(out_uri).rstrip("/")
     rows = table_rows(results)
     note = ("Neck parameters are counted with the per-level stem and truncated to 0.1M, as the thesis does. "

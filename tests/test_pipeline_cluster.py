@@ -85,7 +85,8 @@ def run_train_and_index_then_reindex(tmp_path, s3_env, images, source, executor=
     """Both compiled pipelines under the launcher contract (`executor`: subprocess, or docker in `image`):
     train_and_index on `source` (metrics equal to kfp.local's), then a scheduled reindex three times."""
     root = s3_env.new_prefix("root")
-    extra = [f"pipeline.image={image}"] if image else []
+    # the source's kind (prep vs an existing dataset URI to scan) is part of the compiled graph
+    extra = [f"pipeline.source={source}"] + ([f"pipeline.image={image}"] if image else [])
     launch = functools.partial(_run, executor=executor, image=image)
     package, cfg = _compile("train_and_index", tmp_path, s3_env, root, extra)
     first = launch(package, s3_env, root, tmp_path / "cache.json", arguments={"source": source})
@@ -107,7 +108,8 @@ def run_train_and_index_then_reindex(tmp_path, s3_env, images, source, executor=
     assert first.by_display_name("report")[0].status == "executed"
 
     # the same pipeline under kfp.local gives the same metrics
-    local = run_local("train_and_index", load_config("lgffem_cpu", TINY + ["pipeline.sharded_index=true"]),
+    local = run_local("train_and_index", load_config("lgffem_cpu", TINY + ["pipeline.sharded_index=true",
+                                                                             f"pipeline.source={source}"]),
                       pipeline_root=str(tmp_path / "local-root"), arguments={"source": source})
     cluster_metrics = {label: _evaluate_metrics(first, label) for label in ("model", "baseline")}
     for label in ("model", "baseline"):
