@@ -31,6 +31,7 @@ from ..config import ConfigError, LGFFConfig, config_to_dict
 from ..errors import CheckpointError, DataError
 from . import checkpoint as ckpt
 from .schedule import WarmupCosineSchedule
+from .sync_norm import convert_to_global_batchnorm
 from .trainer import (BEST, LAST, METRICS, StopTraining, _bar, _init_distributed, _publish, _read_metrics, _restore_rng,
                       _write_metrics, find_resume_point, resolve_device)
 
@@ -127,6 +128,8 @@ def train_detection(
         raise DataError(f"{data_uri}: {len(train_ds)} training image(s) for {dist.world} processes")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    if dist.world > 1:  # the neck's BatchNorms see every rank's images (batch 2 per process is tiny)
+        convert_to_global_batchnorm(model, torch.distributed.new_group())
     backbone_info = {"name": cfg.model.backbone.name, "weights": cfg.model.backbone.weights,
                      "weights_hash": ckpt.backbone_weights_id(model, cfg)}
     if init_meta is not None:

@@ -42,6 +42,7 @@ from ..config import ConfigError, LGFFConfig, config_to_dict
 from ..errors import CheckpointError, DataError
 from . import checkpoint as ckpt
 from .feature_cache import FeatureCache, build_feature_cache, cache_key, dataset_fingerprint, dihedral_augment
+from .sync_norm import convert_to_global_batchnorm
 from .schedule import WarmupCosineSchedule
 
 __all__ = ["train_stage", "TrainStep", "recall_at_1", "resolve_device", "bf16_supported", "StopTraining"]
@@ -287,6 +288,10 @@ def train_stage(
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg)
+    if dist.world > 1:
+        # batch statistics over every rank's share, so N processes x batch B train like one process x N*B
+        # (before the optimiser is built: the conversion makes new parameter tensors)
+        convert_to_global_batchnorm(model, torch.distributed.new_group())
     backbone_info = {"name": cfg.model.backbone.name, "weights": cfg.model.backbone.weights,
                      "weights_hash": ckpt.backbone_weights_id(model, cfg)}
     loss_fn = SubCenterArcFace(model.embedding_dim, len(classes), margin_deg=cfg.loss.margin_deg,
