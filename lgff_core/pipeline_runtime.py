@@ -93,16 +93,8 @@ def input_path(artifact: Any) -> str:
 
 
 def _file_entry(uri: str) -> dict[str, Any]:
-    h = hashlib.sha256()
-    size = 0
-    with storage.open_input_stream(uri) as f:
-        while True:
-            chunk = f.read(8 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return {"uri": uri, "size": size, "sha256": h.hexdigest()}
+    digest, size = storage.stream_sha256(uri)
+    return {"uri": uri, "size": size, "sha256": digest}
 
 
 def publish_pointer(artifact: Any, bulk: str, manifest_name: str, extra: Optional[dict] = None) -> dict:

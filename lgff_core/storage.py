@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import mmap
@@ -66,6 +67,8 @@ __all__ = [
     "file_size",
     "basename",
     "resolve",
+    "stream_sha256",
+    "download_file",
     "StorageSettings",
     "configure",
     "settings",
@@ -351,6 +354,27 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
 
     return _with_retry(str(uri), "read", _read)
+
+
+_STREAM_CHUNK = 8 << 20
+
+
+def stream_sha256(uri: str | os.PathLike) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of the file at `uri`, read as a stream (memory: one chunk)."""
+    h = hashlib.sha256()
+    size = 0
+    with open_input_stream(str(uri)) as f:
+        while chunk := f.read(_STREAM_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def download_file(uri: str, local_file: str | os.PathLike) -> None:
+    """Copy the object at `uri` to the local file `local_file`, streamed (the reverse of `upload_file`)."""
+    with open_input_stream(uri) as f, open(local_file, "wb") as out:
+        while chunk := f.read(_STREAM_CHUNK):
+            out.write(chunk)
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:

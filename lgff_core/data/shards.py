@@ -387,19 +387,6 @@ def _shard_indices(manifest: Manifest, shards: Optional[Iterable[int]]) -> list[
 _VERIFIED: set[tuple] = set()
 
 
-def _stream_sha256(uri: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with storage.open_input_stream(uri) as f:
-        while True:
-            chunk = f.read(8 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def _identity(uri: str) -> tuple:
     """What changes when a file is rewritten: its size and modification time."""
     info = storage._info(uri)
@@ -415,7 +402,7 @@ def verify_shard(manifest: Manifest, index: int) -> str:
     key = (uri, info.sha256, info.bytes) + _identity(uri)
     if key in _VERIFIED:
         return uri
-    digest, size = _stream_sha256(uri)
+    digest, size = storage.stream_sha256(uri)
     if digest != info.sha256 or size != info.bytes:
         raise DataError(f"{uri}: shard does not match the dataset manifest (sha256 {digest[:12]}..., {size} bytes; "
                         f"manifest {info.sha256[:12]}..., {info.bytes} bytes): modified or corrupt after "
@@ -540,7 +527,7 @@ def verify_dataset(uri: str) -> list[str]:
     for i, info in enumerate(manifest.shards):
         suri = manifest.shard_uri(i)
         try:
-            digest, size = _stream_sha256(suri)
+            digest, size = storage.stream_sha256(suri)
         except StorageError as exc:
             problems.append(f"{info.name}: cannot read ({exc})")
             continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,6 @@ IDMAP_FILE = "idmap.parquet"
 META_FILE = "index.json"
 MANIFEST_SCHEMA_VERSION = 2
 IDMAP_ROW_GROUP = 65536
-_HASH_CHUNK = 8 << 20
 
 
 # ------------------------------------------------------------------------------------------------ id map
@@ -208,13 +206,8 @@ class IndexBundle:
 
 
 def file_digest(path: str) -> dict:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
+    digest, size = storage.stream_sha256(path)
+    return {"size": size, "sha256": digest}
 
 
 def read_manifest(uri: str, what: str = "an index", name: str = META_FILE) -> dict:
@@ -319,9 +312,7 @@ class LocalFiles:
                 if self._tmp is None:
                     self._tmp = tempfile.TemporaryDirectory(prefix="lgff-index-")
                 path = os.path.join(self._tmp.name, os.path.basename(entry["path"]))
-                with storage.open_input_stream(src) as f, open(path, "wb") as out:
-                    while chunk := f.read(_HASH_CHUNK):
-                        out.write(chunk)
+                storage.download_file(src, path)
             got = file_digest(path)
             if got["size"] != entry["size"] or got["sha256"] != entry["sha256"]:
                 raise IndexError_(f"{src}: size {got['size']} / sha256 {got['sha256'][:12]}... differ from "
@@ -364,9 +355,7 @@ def legacy_local_path(uri: str, name: str, tmp_holder: list) -> str:
     tmp = tempfile.TemporaryDirectory(prefix="lgff-index-")
     tmp_holder.append(tmp)
     path = os.path.join(tmp.name, name)
-    with storage.open_input_stream(src) as f, open(path, "wb") as out:
-        while chunk := f.read(_HASH_CHUNK):
-            out.write(chunk)
+    storage.download_file(src, path)
     return path
 
 
