@@ -200,10 +200,8 @@ def train_detection(
         bar.close()
         train_time = time.perf_counter() - t0
         train_cpu = time.process_time() - cpu0
-        if dist.world > 1:
-            totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            loss_sum, seen = float(totals[0]), int(totals[1])
+        loss_sum, seen = dist.sum_over_ranks(device, loss_sum, seen)
+        seen = int(seen)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
                "s_per_iter": train_time / max(1, steps), "train_time_s": train_time, "train_cpu_s": train_cpu,
                "steps": steps, "images": seen,

@@ -131,6 +131,14 @@ class _Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def sum_over_ranks(self, device: torch.device, *values: float) -> list[float]:
+        """Each of `values` summed over the ranks (as is with one process): epoch totals of loss and items."""
+        if self.world <= 1:
+            return [float(v) for v in values]
+        totals = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        return totals.tolist()
+
 
 def _init_distributed(device: torch.device) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -429,10 +437,8 @@ def train_stage(
         bar.close()
         train_time = time.perf_counter() - t0
         train_cpu = time.process_time() - cpu0
-        if dist.world > 1:
-            totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            loss_sum, seen = float(totals[0]), int(totals[1])
+        loss_sum, seen = dist.sum_over_ranks(device, loss_sum, seen)
+        seen = int(seen)
 
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
                "img_per_s": seen / train_time if train_time > 0 else None, "train_time_s": train_time,
