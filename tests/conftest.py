@@ -40,3 +40,13 @@ def pytest_collection_modifyitems(config, items):
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("cluster") is not None])
         items[:] = kept
+
+
+@pytest.fixture(scope="session")
+def nuclei(tmp_path_factory):
+    """The real nuclei-coco sample set (stardist / histolytics tiles with instance masks), prepped once."""
+    from lgff_core.cli import main
+
+    out = tmp_path_factory.mktemp("samples") / "sets"
+    assert main(["-q", "prep", "samples", "--out", str(out), "--sets", "nuclei-coco", "--no-progress"]) == 0
+    return str(out / "nuclei-coco")

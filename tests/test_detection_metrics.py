@@ -3,19 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from lgff_core.cli import main
 from lgff_core.data.detection import DetectionDataset, annotations_to_target, detection_train_transform
 from lgff_core.metrics_detection import (coco_from_dicts, coco_metrics, ground_truth_coco, outputs_from_targets,
                                          predictions_to_results)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' np.array(copy=False)
-
-
-@pytest.fixture(scope="module")
-def nuclei(tmp_path_factory):
-    out = tmp_path_factory.mktemp("samples") / "sets"
-    assert main(["-q", "prep", "samples", "--out", str(out), "--sets", "nuclei-coco", "--no-progress"]) == 0
-    return str(out / "nuclei-coco")
 
 
 def test_ground_truth_as_predictions_scores_one(nuclei):

@@ -20,13 +20,6 @@ def _sets(args):
     return [x for item in args for x in ("--set", item)]
 
 
-@pytest.fixture(scope="module")
-def nuclei(tmp_path_factory):
-    out = tmp_path_factory.mktemp("samples") / "sets"
-    assert main(["-q", "prep", "samples", "--out", str(out), "--sets", "nuclei-coco", "--no-progress"]) == 0
-    return str(out / "nuclei-coco")
-
-
 def _rows(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
