@@ -398,13 +398,19 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
             "dim": embedder.dim, "bf16": embedder.bf16, "channels_last": embedder.channels_last}
 
 
+def _shard_entry(name: str, marker: dict) -> dict:
+    """The embeddings manifest's entry for a shard, from its marker (markers written before ``split_rows`` existed
+    lack it; readers then count splits from the shard)."""
+    keys = ("num_rows", "sha256", "split_rows")
+    return {"name": name, **{k: marker[k] for k in keys if k in marker}}
+
+
 def _manifest_from_markers(out_uri: str, markers: Sequence[dict], data_manifest, data_uri: str,
                            subdir: str = "") -> dict:
     fps = {m["fingerprint"] for m in markers}
     if len(fps) != 1:
         raise DataError(f"{out_uri}: shards were embedded with {len(fps)} different models/settings; re-embed")
-    shards = [{"name": storage.join(subdir, m["name"]) if subdir else m["name"], "num_rows": m["num_rows"],
-               "sha256": m["sha256"]} for m in markers]
+    shards = [_shard_entry(storage.join(subdir, m["name"]) if subdir else m["name"], m) for m in markers]
     return write_embeddings_manifest(
         out_uri, shards, markers[0]["dim"], data_manifest.label_names,
         model=markers[0]["model"], model_fingerprint=markers[0]["fingerprint"], source=str(data_uri).rstrip("/"),
@@ -501,7 +507,7 @@ def collect_embeddings(part_uris: Iterable[str], out_uri: str) -> dict:
             part, m = markers[info.name]
             if m["input_sha256"] != info.sha256:
                 raise DataError(f"{part}/{info.name} was embedded from a different version of {data_uri}/{info.name}")
-            shards.append({"name": storage.join(part, info.name), "num_rows": m["num_rows"], "sha256": m["sha256"]})
+            shards.append(_shard_entry(storage.join(part, info.name), m))
         first = markers[manifest.shards[0].name][1]
         dim, model, fingerprint = first["dim"], first["model"], first["fingerprint"]
     rows = sum(int(s["num_rows"]) for s in shards)

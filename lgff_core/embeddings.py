@@ -124,12 +124,15 @@ def embeddings_to_table(ids: Sequence[str], labels: Sequence[int], label_names: 
 
 
 def write_embeddings_shard(uri: str, table: pa.Table) -> dict:
-    """Write one shard atomically; returns ``{"num_rows", "sha256"}`` of the written bytes."""
+    """Write one shard atomically; returns its manifest entry ``{"num_rows", "sha256", "split_rows"}``: the sha256
+    of the written bytes and the rows per split (so a reader of one split's block never scans every shard)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
     storage.write_bytes(uri, data)
-    return {"num_rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
+    splits = table.column("split").value_counts().to_pylist() if table.num_rows else []
+    return {"num_rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
+            "split_rows": {str(v["values"]): int(v["counts"]) for v in splits}}
 
 
 def read_embeddings_manifest(uri: str) -> dict:

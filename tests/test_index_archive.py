@@ -245,3 +245,78 @@ def test_rebuild_killed_after_index_file_keeps_a_consistent_index(tmp_path, monk
     assert sorted(os.listdir(idx)) == ["index.json", "v2"]
     assert type(faiss.downcast_index(ix.load_index(idx).index)).__name__ == "IndexHNSWFlat"
     assert read_embeddings(uri).ids.tolist() == ix.load_index(idx).ids.tolist()
+
+
+def test_streamed_list_file_is_what_faiss_merge_ondisk_writes(sets, tmp_path):
+    """The merge writes its list file with sequential writes and bounded resident pages; the result must be the
+    file (and the index header) that faiss's own `merge_ondisk` writes through a mapping."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    from lgff_core.index.ondisk import merge_partials_ondisk
+
+    uris, a, b, q = sets
+    xb = ix.prepare_vectors(concat(a, b).xb, "ip")
+    trained = ix.train_index(xb, FACTORY, "ip", seed=0)
+    paths = []
+    for i, (lo, hi) in enumerate([(0, 130), (130, 300), (300, 420)]):
+        part = faiss.clone_index(trained)
+        part.add_with_ids(xb[lo:hi], np.arange(lo, hi, dtype=np.int64))
+        paths.append(str(tmp_path / f"part{i}.faiss"))
+        faiss.write_index(part, paths[-1])
+    ours_dir, theirs_dir = tmp_path / "ours", tmp_path / "theirs"
+    ours_dir.mkdir(), theirs_dir.mkdir()
+    ours = merge_partials_ondisk(trained, paths, str(ours_dir / ix.IVFDATA_FILE))
+    theirs = faiss.clone_index(trained)
+    merge_ondisk(theirs, paths, str(theirs_dir / ix.IVFDATA_FILE))
+    assert (ours_dir / ix.IVFDATA_FILE).read_bytes() == (theirs_dir / ix.IVFDATA_FILE).read_bytes()
+    lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(i).invlists) for i in (ours, theirs)]
+    layout = [[(l.lists.at(j).size, l.lists.at(j).capacity, l.lists.at(j).offset) for j in range(l.nlist)]
+              for l in lists]
+    assert layout[0] == layout[1] and lists[0].totsize == lists[1].totsize
+    assert ours.ntotal == theirs.ntotal == 420
+    # (faiss's merge also records the whole file as one free slot; ours records none, as nothing is free)
+
+
+def test_search_over_mapped_lists_in_rounds_equals_one_call(sets, tmp_path, monkeypatch):
+    """Searching an on-disk index in rounds that hand back the mapped pages returns the one-call results."""
+    from lgff_core.index import mapped
+
+    uris, a, b, q = sets
+    out = str(tmp_path / "idx")
+    assert run("index", "build", "--embeddings", uris["all"], "--factory", FACTORY, "--out", out) == 0
+    bundle = ix.load_index(out)
+    lists = mapped.mapped_lists(bundle.index)
+    assert lists is not None and lists.totsize > 0
+    xq = ix.prepare_vectors(q.xb, "ip")
+    assert mapped.queries_per_round(bundle.index) >= len(xq)  # a tiny index: one round
+    D1, I1 = ix.search(bundle.index, xq, 10)
+    monkeypatch.setattr(mapped, "RESIDENT_BYTES", 1)  # one query per round, released after each
+    assert mapped.queries_per_round(bundle.index) == 1
+    D2, I2 = ix.search(bundle.index, xq, 10)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_array_equal(D1, D2)
+
+
+def test_block_rows_of_a_split_come_from_the_manifest_without_reading_shards(tmp_path, monkeypatch):
+    """An add task selects its block among one split's rows: the rows per split are in the manifest, so it does
+    not read the split column of every shard of the archive (that cost grew with the archive)."""
+    from lgff_core import storage
+
+    t = concat(make(40), make(30, seed=3, first=40, split="test"), make(20, seed=4, first=70))
+    uri = str(tmp_path / "emb")
+    write_embeddings(uri, t, num_shards=3)
+    entries = storage.read_json(os.path.join(uri, "_manifest.json"))["shards"]
+    assert sum(e["split_rows"].get("train", 0) for e in entries) == 60
+    assert sum(e["split_rows"].get("test", 0) for e in entries) == 30
+
+    def no_reads(*a, **k):
+        raise AssertionError("a shard was read to count its rows")
+
+    monkeypatch.setattr(storage, "open_input_file", no_reads)
+    src = ix.EmbeddingsSource(uri, "train")
+    assert src.counts().tolist() == [e["split_rows"].get("train", 0) for e in entries]
+    assert src.num_rows == 60
+    monkeypatch.undo()
+    # the rows it then streams are exactly the split's, in order
+    got = np.concatenate([b.ids for b in ix.EmbeddingsSource(uri, "train").blocks(10, 50)])
+    assert got.tolist() == t.ids[t.splits == "train"][10:50].tolist()

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..embeddings import EmbeddingTable, check_vectors
 from ..errors import DataError, IndexError_
+from . import mapped
 from .store import IndexBundle, code_of
 
 logger = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def search(index: faiss.Index, xq: np.ndarray, k: int, *, exclude: Optional[call
     I_out = np.full((nq, k), -1, dtype=np.int64)
     todo = np.arange(nq)
     while len(todo):
-        D, I = index.search(xq[todo], kk)
+        D, I = _search_in_rounds(index, xq[todo], kk)
         valid = I >= 0
         if exclude is not None:
             valid &= ~exclude(todo, I)
@@ -212,6 +213,23 @@ def search(index: faiss.Index, xq: np.ndarray, k: int, *, exclude: Optional[call
             kk = min(ntotal, 2 * kk)
             logger.debug("ties at the k-th place for %d queries: widening the search to %d", len(todo), kk)
     return D_out, I_out
+
+
+def _search_in_rounds(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search`; over memory-mapped lists in rounds of queries whose probed lists fit the resident budget,
+    handing the mapped pages back after each round (the process's RSS stays bounded whatever the archive's size)."""
+    per_round = mapped.queries_per_round(index)
+    if per_round is None or per_round >= len(xq):
+        D, I = index.search(xq, k)
+        mapped.release(mapped.mapped_lists(index))
+        return D, I
+    lists = mapped.mapped_lists(index)
+    D = np.empty((len(xq), k), dtype=np.float32)
+    I = np.empty((len(xq), k), dtype=np.int64)
+    for q0 in range(0, len(xq), per_round):
+        D[q0:q0 + per_round], I[q0:q0 + per_round] = index.search(xq[q0:q0 + per_round], k)
+        mapped.release(lists)
+    return D, I
 
 
 # ------------------------------------------------------------------------------------------------ neighbours

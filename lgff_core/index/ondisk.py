@@ -7,7 +7,8 @@ Memory is bounded by a block, never by the archive:
 - `encode_block` adds one block (a range of selected rows) to a copy of the trained index: an IVF partial holding
   that block's codes with global ids.
 - `merge_partials_ondisk` concatenates partials into one index whose inverted lists live in one file
-  (faiss `OnDiskInvertedLists`, merged with `faiss.contrib.ondisk.merge_ondisk`); search memory-maps the lists.
+  (faiss `OnDiskInvertedLists`, the file `faiss.contrib.ondisk.merge_ondisk` would write, written by `write_lists`
+  with bounded resident memory); search memory-maps the lists (`mapped`).
 - `append_lists` / `remove_lists` write a new list file from an existing one plus a partial / minus some ids, one
   inverted list at a time (the old version is only read).
 
@@ -26,9 +27,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from faiss.contrib.ondisk import merge_ondisk
 
 from .. import storage
+from . import mapped
 from ..embeddings import EmbeddingTable, _table_to_arrays, read_embeddings_manifest
 from ..errors import DataError, IndexError_
 from .core import _is_pure_ivf, faiss_metric, new_index
@@ -78,10 +79,14 @@ class EmbeddingsSource:
         return storage.resolve(self.uri, self.entries[i]["name"])
 
     def counts(self) -> np.ndarray:
-        """Selected rows per shard (reads only the split column when a split is chosen)."""
+        """Selected rows per shard: from the manifest (``split_rows`` per shard); for a set written without them,
+        from each shard's split column."""
         if self._counts is None:
             if self.wanted is None:
                 self._counts = np.array([int(e["num_rows"]) for e in self.entries], dtype=np.int64)
+            elif all("split_rows" in e for e in self.entries):
+                self._counts = np.array([sum(int(e["split_rows"].get(w, 0)) for w in self.wanted)
+                                         for e in self.entries], dtype=np.int64)
             else:
                 out = []
                 for i in range(len(self.entries)):
@@ -167,9 +172,9 @@ def normalise(x: np.ndarray, metric: str, where: str) -> np.ndarray:
     if metric == "ip" and len(x):
         if not x.flags.writeable:  # a zero-copy view of an Arrow buffer
             x = x.copy()
-        norms = np.linalg.norm(x, axis=1)
-        if (norms == 0).any():
-            raise DataError(f"{where}: {int((norms == 0).sum())} zero vector(s) (row {int(np.argmin(norms))}) "
+        zero = ~np.einsum("ij,ij->i", x, x).astype(bool)  # (np.linalg.norm takes 10x longer)
+        if zero.any():
+            raise DataError(f"{where}: {int(zero.sum())} zero vector(s) (row {int(np.argmax(zero))}) "
                             "cannot be normalised for inner-product search")
         faiss.normalize_L2(x)  # bit-identical to the in-RAM path (prepare_vectors)
     return x
@@ -284,13 +289,15 @@ def _detach_filename(index: faiss.Index) -> None:
 
 
 def merge_partials_ondisk(trained: faiss.Index, partial_paths: Sequence[str], ivfdata_path: str) -> faiss.Index:
-    """One IVF over the partial files (in the given order; ids as stored) with its lists in `ivfdata_path`."""
-    index = faiss.clone_index(trained)
-    index.reset()
+    """One IVF over the partial files (in the given order; ids as stored) with its lists in `ivfdata_path`.
+
+    The result is the index `faiss.contrib.ondisk.merge_ondisk` makes (the same list file, byte for byte), but
+    written by `write_lists` with bounded resident memory: the partials are memory-mapped and read list by list."""
     t0 = time.perf_counter()
     with faiss_chatter_to_stderr():
-        merge_ondisk(index, list(partial_paths), ivfdata_path)  # partials are memory-mapped, not loaded
-    _detach_filename(index)
+        partials = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in partial_paths]
+    index = _with_lists(trained, write_lists([_ivf(p).invlists for p in partials], ivfdata_path))
+    del partials
     logger.info("merged %d partials (%d vectors) into on-disk lists in %.1f s", len(partial_paths), index.ntotal,
                 time.perf_counter() - t0)
     return index
@@ -302,57 +309,91 @@ def _ivf(index: faiss.Index):
 
 def append_lists(trained: faiss.Index, parent: faiss.Index, partials: Sequence[faiss.Index],
                  ivfdata_path: str) -> faiss.Index:
-    """New on-disk IVF = the parent's lists followed by the partials' (the merge_ondisk recipe with an on-disk
-    source); the parent's list file is only read."""
-    index = faiss.clone_index(trained)
-    index.reset()
-    out = _ivf(index)
-    invlists = faiss.OnDiskInvertedLists(out.nlist, out.code_size, ivfdata_path)
-    sources = faiss.InvertedListsPtrVector()
-    for src in (parent, *partials):
-        sources.push_back(_ivf(src).invlists)
-    with faiss_chatter_to_stderr():
-        ntotal = invlists.merge_from_multiple(sources.data(), sources.size(), False)
-    index.ntotal = out.ntotal = ntotal
-    out.replace_invlists(invlists, True)
-    invlists.this.disown()
-    _detach_filename(index)
-    return index
+    """New on-disk IVF = the parent's lists followed by the partials'; the parent's list file is only read."""
+    return _with_lists(trained, write_lists([_ivf(s).invlists for s in (parent, *partials)], ivfdata_path))
 
 
 def remove_lists(trained: faiss.Index, parent: faiss.Index, drop: np.ndarray, ivfdata_path: str) -> faiss.Index:
     """New on-disk IVF without the ids `drop` (sorted); the remaining ids are renumbered to stay id-map rows."""
-    index = faiss.clone_index(trained)
-    index.reset()
-    out = _ivf(index)
-    invlists = faiss.OnDiskInvertedLists(out.nlist, out.code_size, ivfdata_path)
-    src = _ivf(parent).invlists
-    with faiss_chatter_to_stderr():
-        total = _copy_lists_without(src, invlists, drop, out.nlist)
-    index.ntotal = out.ntotal = total
-    out.replace_invlists(invlists, True)
-    invlists.this.disown()
-    _detach_filename(index)
-    return index
-
-
-def _copy_lists_without(src, invlists, drop: np.ndarray, nlist: int) -> int:
-    code_size = src.code_size
-    total = 0
-    for j in range(nlist):
-        size = src.list_size(j)
-        if not size:
-            continue
-        ids = faiss.rev_swig_ptr(src.get_ids(j), size)
-        codes = faiss.rev_swig_ptr(src.get_codes(j), size * code_size).reshape(size, code_size)
+    def without_dropped(ids: np.ndarray, codes: np.ndarray):
         keep = ~np.isin(ids, drop)
         kept = ids[keep]
-        if len(kept):
-            new_ids = np.ascontiguousarray(kept - np.searchsorted(drop, kept), dtype=np.int64)
-            new_codes = np.ascontiguousarray(codes[keep])
-            invlists.add_entries(j, len(new_ids), faiss.swig_ptr(new_ids), faiss.swig_ptr(new_codes))
-            total += len(new_ids)
-    return total
+        return kept - np.searchsorted(drop, kept), codes[keep]
+
+    return _with_lists(trained, write_lists([_ivf(parent).invlists], ivfdata_path, transform=without_dropped))
+
+
+def write_lists(sources: Sequence, ivfdata_path: str, transform=None) -> "faiss.OnDiskInvertedLists":
+    """Stream the concatenation of `sources`' inverted lists (list j = list j of every source, in order) into a
+    list file in faiss's on-disk layout, and return the `OnDiskInvertedLists` describing it (not mapped).
+
+    faiss's own merge (`OnDiskInvertedLists.merge_from_multiple`) writes through a shared mapping of the whole file,
+    so the merging process ends up with every byte of the archive's lists resident; here the file is written with
+    plain sequential writes and the sources' mapped pages are handed back every `RESIDENT_BYTES` read
+    (`mapped.release`). Layout (faiss's): list j at ``offset_j`` holds its codes, then its ids at
+    ``offset_j + capacity_j * code_size``; lists follow each other with capacity = size, as merge_from_multiple lays
+    them out. `transform(ids, codes) -> (ids, codes)` may drop or renumber entries of a list.
+    """
+    first = faiss.downcast_InvertedLists(sources[0])
+    nlist, code_size = int(first.nlist), int(first.code_size)
+    for s in sources:
+        if (int(s.nlist), int(s.code_size)) != (nlist, code_size):
+            raise IndexError_(f"inverted lists differ: nlist/code_size {s.nlist}/{s.code_size} vs {nlist}/{code_size}"
+                              " (partials of another trained index?)")
+    mapped_sources = [m for m in (mapped.mapped_lists(s) for s in sources) if m is not None]
+    layout = np.zeros((nlist, 2), dtype=np.int64)  # (size, offset) per list
+    offset, unreleased = 0, 0
+    with open(ivfdata_path, "wb") as f:
+        for j in range(nlist):
+            ids_parts, code_parts = [], []
+            for s in sources:
+                n = int(s.list_size(j))
+                if n:
+                    ids_ptr, codes_ptr = s.get_ids(j), s.get_codes(j)
+                    ids_parts.append(faiss.rev_swig_ptr(ids_ptr, n).copy())
+                    code_parts.append(faiss.rev_swig_ptr(codes_ptr, n * code_size).reshape(n, code_size).copy())
+                    s.release_ids(j, ids_ptr)
+                    s.release_codes(j, codes_ptr)
+                    unreleased += n * (code_size + 8)
+            if ids_parts:
+                ids, codes = np.concatenate(ids_parts), np.concatenate(code_parts)
+                if transform is not None:
+                    ids, codes = transform(ids, codes)
+                f.write(np.ascontiguousarray(codes, dtype=np.uint8).tobytes())
+                f.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+                layout[j] = (len(ids), offset)
+                offset += len(ids) * (code_size + 8)
+            else:
+                layout[j, 1] = offset
+            if unreleased >= mapped.RESIDENT_BYTES:
+                for m in mapped_sources:
+                    mapped.release(m)
+                unreleased = 0
+        f.flush()
+        os.fsync(f.fileno())
+    for m in mapped_sources:
+        mapped.release(m)
+    invlists = faiss.OnDiskInvertedLists(nlist, code_size, ivfdata_path)
+    invlists.lists.clear()
+    for size, off in layout.tolist():
+        entry = faiss.OnDiskOneList()
+        entry.size = entry.capacity = size
+        entry.offset = off
+        invlists.lists.push_back(entry)
+    invlists.totsize = offset
+    return invlists
+
+
+def _with_lists(trained: faiss.Index, invlists) -> faiss.Index:
+    """A copy of the trained (empty) index that owns `invlists`, its list file named by basename only."""
+    index = faiss.clone_index(trained)
+    index.reset()
+    ivf = _ivf(index)
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    index.ntotal = ivf.ntotal = int(faiss.downcast_InvertedLists(ivf.invlists).compute_ntotal())
+    _detach_filename(index)
+    return index
 
 
 def block_ranges(start: int, stop: int, block_rows: int) -> list[tuple[int, int]]:
