@@ -9,7 +9,8 @@ Memory is bounded by a block, never by the archive:
 - `merge_partials_ondisk` concatenates partials into one index whose inverted lists live in one file
   (faiss `OnDiskInvertedLists`, merged with `faiss.contrib.ondisk.merge_ondisk`); search memory-maps the lists.
 - `append_lists` / `remove_lists` write a new list file from an existing one plus a partial / minus some ids, one
-  inverted list at a time (the old version is only read).
+  inverted list at a time (the old version is only read); `rows_not_in` is the keep-mask of an append that skips
+  the sample ids the index already holds (`encode_block(..., keep=)` encodes only those rows).
 
 Exact (Flat) and graph (HNSW) indexes, and IVF with a refine stage, keep every vector in RAM: above
 ``index.max_in_ram_vectors`` they are refused by `check_fits_in_ram` with an IVF factory that fits.
