@@ -13,7 +13,7 @@ from .embed import collect_embeddings, embed
 from .evaluate import evaluate
 from .evaluate_detection import evaluate_detection
 from .explain import explain
-from .index import index_add, index_build, index_merge, index_train
+from .index import index_add, index_append, index_build, index_merge, index_train
 from .plan import plan, scan
 from .prep import prep
 from .report import report
@@ -30,6 +30,7 @@ __all__ = [
     "index_build",
     "index_train",
     "index_add",
+    "index_append",
     "index_merge",
     "evaluate",
     "evaluate_detection",

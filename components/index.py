@@ -1,6 +1,7 @@
 """index: faiss index over an embeddings set, one shot (`lgff index build`) or sharded, faiss-contrib style
-(`lgff index train` on a sample -> `lgff index add` per plan block -> `lgff index merge`). faiss files go to the bulk
-prefix; each artifact is the stage's JSON manifest (``index.json`` / ``partial.json``) naming them."""
+(`lgff index train` on a sample -> `lgff index add` per plan block -> `lgff index merge`), or appended to an existing
+index (`lgff index add --to`). faiss files go to the bulk prefix; each artifact is the stage's JSON manifest
+(``index.json`` / ``partial.json``) naming them."""
 from typing import List
 
 from kfp import dsl
@@ -51,3 +52,20 @@ def index_merge(trained: Input[Artifact], partials: List[Artifact], index: Outpu
     run_cli(["index", "merge", "--trained", bulk_of(trained, "index.json"), "--partials",
              *[bulk_of(p, "partial.json") for p in partials], "--out", bulk])
     index.metadata.update(dataset_facts(publish_pointer(index, bulk, "index.json")))
+
+
+@dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
+def index_append(config_yaml: str, base_index: str, base_index_fingerprint: str, embeddings: Input[Dataset],
+                 index: Output[Artifact]):
+    """A new index version: the index at prefix ``base_index`` plus the rows of ``embeddings`` whose sample_id it
+    does not hold yet, written to this task's own bulk prefix (its manifest names the base as parent; the base is
+    only read). ``base_index_fingerprint`` (sha256 of the base's index.json, from the scan) only enters the cache
+    key: a changed base index is appended to again."""
+    from lgff_core.pipeline_runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
+
+    bulk = bulk_uri(index)
+    run_cli(["index", "add", "--config", write_config(config_yaml), "--to", base_index, "--embeddings",
+             input_path(embeddings), "--skip-existing", "--out", bulk])
+    manifest = publish_pointer(index, bulk, "index.json")
+    index.metadata.update(dataset_facts(manifest))
+    index.metadata.update(appended=manifest["holds"][-1]["rows"], skipped=manifest["holds"][-1].get("skipped", 0))

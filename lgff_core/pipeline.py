@@ -250,7 +250,8 @@ def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str,
         display = spec.task_info.name if spec is not None and spec.task_info.name else name
         run_dir = os.path.join(root, str(kwargs.get("pipeline_resource_name", "")).split("/")[0])
         uris = {k: _artifact_or_value(v) for k, v in outputs.items()}
-        paths = [u for u in uris.values() if isinstance(u, str) and os.path.isabs(u)]
+        # artifact URIs only: a parameter may be a path into another run (reindex's scan outputs its base index)
+        paths = [v.uri for v in outputs.values() if isinstance(getattr(v, "uri", None), str) and os.path.isabs(v.uri)]
         if getattr(task_status, "name", str(task_status)) != "SUCCESS":
             status = "failed"
         elif _is_importer(kwargs):
@@ -272,6 +273,44 @@ def _record_tasks(records: list[TaskRecord], root: str, on_event: Callable[[str,
     finally:
         task_executor.execute_single_task = original
         cache_module.LocalCache.get = original_get
+
+
+@contextlib.contextmanager
+def _oneof_artifacts() -> Iterator[None]:
+    """Let kfp.local resolve a ``dsl.OneOf`` of artifacts (the reindex pipeline's index from its append or rebuild
+    branch): kfp 2.17's local orchestrator resolves OneOf for parameters only and refuses a DAG artifact output with
+    several selectors. Same rule as its parameter path: the one branch that produced the artifact. Patches
+    ``OrchestratorUtils.get_dag_output_artifacts`` (kfp 2.17 internals) for the run; other versions run unpatched."""
+    try:
+        from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+    except ImportError:  # pragma: no cover - other kfp versions
+        yield
+        return
+    original = OrchestratorUtils.__dict__.get("get_dag_output_artifacts")
+
+    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
+        outputs = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in spec.artifact_selectors:
+                try:
+                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+                except (KeyError, ValueError):  # a branch that did not run
+                    continue
+            if len(found) != 1:
+                raise ValueError(f"DAG output artifact {key!r}: {len(found)} of {len(spec.artifact_selectors)} "
+                                 "selectors produced a value, expected exactly one")
+            outputs[key] = found[0]
+        return outputs
+
+    if original is None:  # pragma: no cover - other kfp versions
+        yield
+        return
+    OrchestratorUtils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    try:
+        yield
+    finally:
+        OrchestratorUtils.get_dag_output_artifacts = original
 
 
 def _is_importer(kwargs: dict) -> bool:
@@ -389,7 +428,7 @@ def run_local(
         beat = threading.Thread(target=heartbeat, name="lgff-pipeline-heartbeat", daemon=True)
         beat.start()
         try:
-            with contextlib.redirect_stdout(tee), _record_tasks(records, root, event):
+            with contextlib.redirect_stdout(tee), _record_tasks(records, root, event), _oneof_artifacts():
                 task = func(**(arguments or {}))
         except Exception as exc:  # kfp raises RuntimeError naming the failed task
             failed = [r.display_name for r in records if r.status == "failed"]

@@ -11,6 +11,10 @@ other shards are added.
 manifest (a dataset or embeddings set: the manifest lists every shard's sha256), or, for anything else (a model
 checkpoint, raw files), the sha256 over its files' relative keys, sizes and modification times. Same bytes ->
 same fingerprint -> cache hits downstream; a new shard -> a new fingerprint -> the readers rerun.
+
+`reindex_base` checks the reindex pipeline's ``mode`` / ``base_index_uri`` run parameters (in the same scan task, so
+a bad value fails the run before anything else starts) and fingerprints the base index of ``mode=append``: the
+sha256 of its ``index.json``, which lists every index file's sha256.
 """
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ import pyarrow.fs as pafs
 from . import storage
 from .errors import DataError
 
-__all__ = ["plan_blocks", "fingerprint_source", "read_block"]
+__all__ = ["plan_blocks", "fingerprint_source", "read_block", "reindex_base", "REINDEX_MODES"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
+INDEX_MANIFEST = "index.json"
+REINDEX_MODES = ("rebuild", "append")
 
 
 def plan_blocks(data_uri: str, rows_per_task: int) -> list[dict[str, Any]]:
@@ -123,3 +129,39 @@ def fingerprint_source(uri: str) -> dict[str, Any]:
     if count == 0:
         raise DataError(f"{uri}: nothing there to import (no files)")
     return {"uri": uri, "kind": "files", "fingerprint": digest, "num_files": count, "bytes": total}
+
+
+def _index_facts(uri: str, given: str) -> dict[str, Any]:
+    uri = str(uri).rstrip("/")
+    manifest_uri = storage.join(uri, INDEX_MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise DataError(f"base_index_uri {given}: no {INDEX_MANIFEST} at {uri}; expected an index prefix "
+                        "(e.g. the bulk prefix of a reindex run's index output)")
+    raw = storage.read_bytes(manifest_uri)
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"base_index_uri {given}: {manifest_uri} is not valid JSON ({exc})") from None
+    prefix = str((manifest.get("bulk") or {}).get("prefix") or "").rstrip("/")
+    if prefix and prefix != uri:  # a pipeline artifact's pointer: the index lives at its bulk prefix
+        return _index_facts(prefix, given)
+    if manifest.get("kind", "index") != "index":
+        raise DataError(f"base_index_uri {given}: {manifest_uri} is a {manifest['kind']}, not an index")
+    return {"uri": uri, "kind": "index", "fingerprint": hashlib.sha256(raw).hexdigest(),
+            "ntotal": manifest.get("ntotal"), "version": manifest.get("version")}
+
+
+def reindex_base(mode: str, base_index_uri: str) -> dict[str, Any] | None:
+    """The base index of a reindex run: None for ``mode=rebuild``; for ``mode=append`` the facts of the index at
+    `base_index_uri` (``uri`` = its index prefix, a pipeline artifact's pointer followed to its bulk prefix;
+    ``fingerprint`` = sha256 of its index.json). A bad mode or a missing base index is a `ConfigError` /
+    `DataError` naming the run parameter."""
+    from .config import ConfigError
+
+    if mode not in REINDEX_MODES:
+        raise ConfigError(f"mode {mode!r}: expected one of {', '.join(REINDEX_MODES)}")
+    if mode == "rebuild":
+        return None
+    if not str(base_index_uri or "").strip():
+        raise ConfigError("mode append needs base_index_uri: the index to append to (a prefix holding index.json)")
+    return _index_facts(base_index_uri, base_index_uri)

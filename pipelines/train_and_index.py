@@ -22,9 +22,12 @@ from ._wiring import configure_task, pipeline_root_for
 NAME = "lgff-train-and-index"
 
 
-def scan_task(cfg: LGFFConfig, data_uri, model_uri="", display_name: str = "scan") -> dsl.PipelineTask:
-    """Fingerprint sources imported by URI; never cached, so a changed source is always seen."""
-    task = configure_task(c.scan(data_uri=data_uri, model_uri=model_uri), cfg, "plan", display_name)
+def scan_task(cfg: LGFFConfig, data_uri, model_uri="", display_name: str = "scan", mode="rebuild",
+              base_index_uri="") -> dsl.PipelineTask:
+    """Fingerprint sources imported by URI (and check the reindex mode / fingerprint its base index); never cached,
+    so a changed source is always seen."""
+    task = c.scan(data_uri=data_uri, model_uri=model_uri, mode=mode, base_index_uri=base_index_uri)
+    task = configure_task(task, cfg, "plan", display_name)
     task.set_caching_options(enable_caching=False)
     return task
 
@@ -80,8 +83,9 @@ def index_tasks(cfg: LGFFConfig, embeddings, plan: dsl.PipelineTask, label: str)
 
 
 def evaluate_task(cfg: LGFFConfig, embeddings, index, label: str) -> dsl.PipelineTask:
+    """`index`: the index artifact channel (a task output, or a `dsl.OneOf` of the reindex branches)."""
     task = c.evaluate(config_yaml=stage_config_yaml(cfg, "evaluate"), label=label, embeddings=embeddings,
-                      index=index.outputs["index"])
+                      index=index)
     return configure_task(task, cfg, "evaluate", f"evaluate-{label}")
 
 
@@ -111,7 +115,7 @@ def build_pipeline(cfg: LGFFConfig):
         for label, trained in (("model", model.outputs["model"]), ("baseline", None)):
             emb = embed_fanout(cfg, plan, label, model=trained).outputs["embeddings"]
             idx = indexes[label] = index_tasks(cfg, emb, plan, label)
-            results[label] = evaluate_task(cfg, emb, idx, label).outputs["results"]
+            results[label] = evaluate_task(cfg, emb, idx.outputs["index"], label).outputs["results"]
         explain = explain_task(cfg, model.outputs["model"], indexes["model"])
         rep = c.report(config_yaml=stage_config_yaml(cfg, "report"), model_results=results["model"],
                        baseline_results=results["baseline"], **report_kwargs(explain))

@@ -142,6 +142,42 @@ def test_index_sharded_argv(root, calls):
     assert json.loads((Path(parts[0].path) / "partial.json").read_text())["bulk"]["files"][0]["size"] == 5
 
 
+def test_index_append_argv_and_counts(root, calls):
+    def fake_append(argv):
+        out = Path(_arg(argv, "--out"))
+        out.mkdir(parents=True)
+        (out / "index.faiss").write_bytes(b"faiss")
+        holds = [{"rows": 30}, {"rows": 6, "skipped": 30}]
+        (out / "index.json").write_text(json.dumps({"ntotal": 36, "holds": holds, "parent": {"uri": "s3://b/i"}}))
+
+    calls.effects["index"] = fake_append
+    emb, index = _out(root, "collect"), _out(root, "append", Artifact)
+    _write_set(Path(emb.path), rows=(18, 18))
+    c.index_append.python_func(config_yaml="{}", base_index="s3://b/i", base_index_fingerprint="ab" * 32,
+                               embeddings=emb, index=index)
+    (argv,) = calls
+    assert argv[:2] == ["index", "add"] and _arg(argv, "--to") == "s3://b/i" and "--skip-existing" in argv
+    assert _arg(argv, "--embeddings") == emb.path
+    assert _arg(argv, "--out") == str(root / ".bulk" / "run" / "append" / "out")
+    assert index.metadata["num_rows"] == 36 and (index.metadata["appended"], index.metadata["skipped"]) == (6, 30)
+    assert json.loads((Path(index.path) / "index.json").read_text())["parent"] == {"uri": "s3://b/i"}
+
+
+def test_scan_outputs_the_base_index_for_append_only(tmp_path, calls):
+    def fake_scan(argv):
+        facts = {u: {"fingerprint": f"fp-{u}"} for u in argv[1:argv.index("--mode")]}
+        if _arg(argv, "--mode") == "append":
+            facts[_arg(argv, "--base-index")] = {"uri": "s3://b/bulk/i", "fingerprint": "fp-index"}
+        Path(_arg(argv, "--out")).write_text(json.dumps(facts))
+
+    calls.effects["scan"] = fake_scan
+    got = c.scan.python_func(data_uri="s3://b/d", model_uri="s3://b/m", mode="append", base_index_uri="s3://b/a/i")
+    assert tuple(got) == ("fp-s3://b/d", "fp-s3://b/m", "s3://b/bulk/i", "fp-index")
+    got = c.scan.python_func(data_uri="s3://b/d")
+    assert tuple(got) == ("fp-s3://b/d", "", "", "")
+    assert calls[-1][calls[-1].index("--mode"):calls[-1].index("--out")] == ["--mode", "rebuild", "--base-index", ""]
+
+
 def test_evaluate_logs_scalar_metrics(root, calls):
     """Defect 1: the metrics are read from where the stage wrote them (not `open()` on an s3:// string)."""
     def fake_eval(argv):

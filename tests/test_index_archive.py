@@ -119,6 +119,61 @@ def test_append_equals_rebuild_with_same_quantizer_and_parent_stays(sets, tmp_pa
     assert appended.ids.tolist() == concat(a, b).ids.tolist()
 
 
+def _search_all(uri, xq, k, nprobe):
+    bundle = ix.load_index(uri)
+    ix.set_search_params(bundle.index, nprobe=nprobe)
+    D_, I_ = ix.search(bundle.index, xq, k)
+    return D_, I_, bundle
+
+
+@pytest.mark.parametrize("factory", [FACTORY, "Flat"])
+def test_append_skip_existing_equals_appending_only_the_new_rows(sets, tmp_path, capsys, factory):
+    """The reindex pipeline's append: the collected embeddings = the parent's rows + new ones, interleaved."""
+    uris, a, b, q = sets
+    grown = concat(a.subset(np.arange(100)), b.subset(np.arange(60)), a.subset(np.arange(100, 300)),
+                   b.subset(np.arange(60, 120)))
+    uris["grown"] = str(tmp_path / "grown")
+    write_embeddings(uris["grown"], grown, num_shards=5)
+    base, only_new, skipped = (str(tmp_path / n) for n in ("base", "only-new", "skipped"))
+    assert run("index", "build", "--embeddings", uris["a"], "--factory", factory, "--out", base) == 0
+    small_blocks = ["--set", "index.block_rows=50"]  # blocks wholly old, wholly new and mixed
+    assert run("index", "add", "--to", base, "--embeddings", uris["b"], "--out", only_new, *small_blocks) == 0
+    capsys.readouterr()
+    assert main(["index", "add", "--to", base, "--embeddings", uris["grown"], "--skip-existing",  # logs INFO
+                 "--out", skipped, *small_blocks]) == 0
+    out = capsys.readouterr()
+    assert "appended 120 vectors" in out.out and "300 skipped" in out.out
+    assert "appending 120 of 420 rows" in out.err  # the library's log line
+    meta = ix.read_manifest(skipped)
+    assert meta["ntotal"] == 420 and meta["parent"]["uri"] == base
+    assert meta["holds"][-1] == {"embeddings": uris["grown"], "split": None, "rows": 120, "skipped": 300}
+    xq = ix.prepare_vectors(q.xb, "ip")
+    D1, I1, got = _search_all(skipped, xq, 20, nprobe=4)
+    D2, I2, ref_bundle = _search_all(only_new, xq, 20, nprobe=4)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_array_equal(D1, D2)
+    assert got.ids.tolist() == ref_bundle.ids.tolist() == concat(a, b).ids.tolist()
+    if factory == FACTORY:  # and = a rebuild over every row with the parent's trained quantizer
+        D3, I3 = ix.search(reference(trained_of(base), concat(a, b).xb, nprobe=4), xq, 20)
+        np.testing.assert_array_equal(I1, I3)
+        np.testing.assert_array_equal(D1, D3)
+    # a rerun over the same rows appends nothing: still a new version (parent = the index appended to) holding
+    # exactly its rows, so the caller always gets an index at --out
+    again = str(tmp_path / "again")
+    assert run("index", "add", "--to", skipped, "--embeddings", uris["grown"], "--skip-existing", "--out", again) == 0
+    assert "appended 0 vectors" in capsys.readouterr().out
+    meta = ix.read_manifest(again)
+    assert meta["ntotal"] == 420 and meta["parent"]["uri"] == skipped and meta["version"] == 1
+    assert meta["holds"][-1]["rows"] == 0 and meta["holds"][-1]["skipped"] == 420
+    D4, I4, same = _search_all(again, xq, 20, nprobe=4)
+    np.testing.assert_array_equal(I4, I1)
+    np.testing.assert_array_equal(D4, D1)
+    assert same.ids.tolist() == got.ids.tolist()
+    # --skip-existing belongs to --to
+    assert run("index", "add", "--trained", base, "--embeddings", uris["b"], "--rows", "0:10", "--skip-existing",
+               "--out", str(tmp_path / "p")) == 2
+
+
 def test_remove_ids_removes_exactly_them(sets, tmp_path):
     uris, a, b, q = sets
     idx, out = str(tmp_path / "i"), str(tmp_path / "r")

@@ -72,3 +72,37 @@ def test_importer_tasks_are_told_apart_from_cache_hits():
     assert not _is_importer({})
     names = _display_names(func)
     assert names["scan"] == "scan" and names["embed"] == "embed-model"
+
+
+def test_local_runs_resolve_a_oneof_of_artifacts():
+    """reindex returns dsl.OneOf(append's index, rebuild's index); kfp 2.17's kfp.local resolves OneOf for
+    parameters only, `run_local` patches the artifact case for the run (the branch that produced one wins)."""
+    import pytest
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from lgff_core.pipeline import _oneof_artifacts
+
+    spec = pipeline_spec_pb2.DagOutputsSpec()
+    for task in ("index-append", "index-merge"):
+        spec.artifacts["index"].artifact_selectors.add(producer_subtask=task, output_artifact_key="index")
+
+    class Store:
+        def __init__(self, ran):
+            self.ran = ran
+
+        def get_task_output(self, task, key):
+            if task not in self.ran:
+                raise ValueError(f"task {task!r} did not run")
+            return f"{task}/{key}"
+
+    with pytest.raises(ValueError, match="Expected 1 artifact"):  # kfp.local alone: the gap this patches
+        OrchestratorUtils.get_dag_output_artifacts(spec, Store({"index-merge"}))
+    with _oneof_artifacts():
+        assert OrchestratorUtils.get_dag_output_artifacts(spec, Store({"index-merge"})) == {"index": "index-merge/index"}
+        assert OrchestratorUtils.get_dag_output_artifacts(spec, Store({"index-append"})) == {
+            "index": "index-append/index"}
+        with pytest.raises(ValueError, match="0 of 2 selectors"):
+            OrchestratorUtils.get_dag_output_artifacts(spec, Store(set()))
+    with pytest.raises(ValueError, match="Expected 1 artifact"):  # restored after the run
+        OrchestratorUtils.get_dag_output_artifacts(spec, Store({"index-merge"}))

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from kfp_launcher import parse_pipeline_spec, run_pipeline
+from kfp_launcher import TaskFailed, parse_pipeline_spec, run_pipeline
 from lgff_core import storage
 from lgff_core.config import load_config
 from lgff_core.data.shards import read_manifest, write_manifest
@@ -137,8 +137,8 @@ def run_train_and_index_then_reindex(tmp_path, s3_env, images, source, executor=
 
     # unchanged data: the scan runs (never cached), everything else is a cache hit
     r2 = launch(rpackage, s3_env, root, cache, arguments=args)
-    for t in r2.tasks:
-        assert t.status == ("executed" if t.display_name == "scan" else "cached"), (t.path, t.status)
+    for t in r2.tasks:  # (mode defaults to rebuild: the append branch is skipped)
+        assert t.status == {"scan": "executed", "append": "skipped"}.get(t.display_name, "cached"), (t.path, t.status)
 
     # the same compiled YAML with another rows_per_task: 3 blocks (12, 12, 6 rows)
     r2b = launch(rpackage, s3_env, root, cache, arguments={**args, "rows_per_task": 12})
@@ -158,3 +158,92 @@ def run_train_and_index_then_reindex(tmp_path, s3_env, images, source, executor=
     assert n3 - n1 == full.shards[-1].num_rows == 6
     return {"train_and_index": first, "reindex (new data)": r1, "reindex (unchanged)": r2,
             "reindex (rows_per_task 12)": r2b, "reindex (one shard added)": r3}
+
+
+def _bulk(task, name="index"):
+    """The bulk prefix an output pointer (index.json) names."""
+    pointer = storage.join(task.outputs[name][0]["uri"].replace("minio://", "s3://"), "index.json")
+    return json.loads(storage.read_text(pointer))["bulk"]["prefix"]
+
+
+def test_reindex_append_adds_only_the_new_shard_to_the_base_index(tmp_path, s3_env, images):
+    """reindex mode=rebuild on 5 shards, a 6th shard added, then mode=append onto the first run's index: only the
+    new block is embedded, the new index version = base + the new rows (parent named), and it searches exactly like
+    an in-RAM rebuild over every row with the base's trained quantizer."""
+    import faiss
+    import numpy as np
+
+    from lgff_core import index as ix
+    from lgff_core.embeddings import read_embeddings
+    from search_support import make_checkpoint
+
+    root = s3_env.new_prefix("root")
+    model_uri = make_checkpoint(s3_env.new_prefix("model"))  # untrained: the test is about the index, not the model
+    data_uri = s3_env.new_prefix("archive")
+    make_tiny_dataset(data_uri, src_dir=images, shard_mb=0.02)
+    full = read_manifest(data_uri)
+    full.shards = [full.shards[i] for i in (0, 1, 3, 4, 5, 2)]  # test, test, train x3, then one more test shard
+    partial = read_manifest(data_uri)
+    partial.shards = full.shards[:5]
+    write_manifest(partial)
+    package, _ = _compile("reindex", tmp_path, s3_env, root, ["index.factory=IVF4,SQ8", "index.train_sample=30"])
+    cache = tmp_path / "cache.json"
+    args = {"model_uri": model_uri, "data_uri": data_uri, "rows_per_task": 6}
+    r1 = _run(package, s3_env, root, cache, arguments=args)  # mode defaults to rebuild
+    assert not r1.by_display_name("index-append-model")
+    base = _bulk(r1.by_display_name("index-merge-model")[0])
+    base_meta = ix.read_manifest(base)
+    assert base_meta["ntotal"] == partial.num_rows == 30 and base_meta["ondisk"] is True
+
+    write_manifest(full)  # one shard added
+    append_args = {**args, "mode": "append", "base_index_uri": base}
+    r2 = _run(package, s3_env, root, cache, arguments=append_args)
+    status = {}
+    for t in r2.tasks:
+        status.setdefault(t.display_name, []).append(t.status)
+    assert sorted(status["embed-model"]) == ["cached"] * 5 + ["executed"]  # only the new block is embedded
+    assert status["index-append-model"] == ["executed"] and status["evaluate-model"] == ["executed"]
+    assert not any(s == "executed" for name in ("index-train-model", "index-add-model", "index-merge-model")
+                   for s in status.get(name, []))  # the rebuild branch did not run
+    (append,) = r2.by_display_name("index-append-model")
+    assert append.outputs["index"][0]["metadata"]["num_rows"] == 36
+    assert (append.outputs["index"][0]["metadata"]["appended"], append.outputs["index"][0]["metadata"]["skipped"]) \
+        == (6, 30)
+    out = _bulk(append)
+    assert out.startswith(root + "/.bulk/") and out != base  # out of place, under the task's own bulk prefix
+    meta = ix.read_manifest(out)
+    assert meta["ntotal"] == 36 and meta["parent"]["uri"] == base
+    assert meta["quantizer_sha256"] == base_meta["quantizer_sha256"]
+    assert ix.read_manifest(base) == base_meta  # the base is only read
+
+    # = a rebuild over every collected row with the base's trained quantizer (same nprobe < nlist)
+    (collect,) = r2.by_display_name("collect-embeddings-model")
+    emb = read_embeddings(collect.outputs["embeddings"][0]["uri"].replace("minio://", "s3://"))
+    assert len(emb) == 36
+    appended = ix.load_index(out)
+    order = {sid: i for i, sid in enumerate(emb.ids)}
+    rows = np.array([order[s] for s in appended.ids])  # the base's rows, then the new block's
+    assert sorted(rows.tolist()) == list(range(36))
+    trained_copy = str(tmp_path / "trained.faiss")
+    storage.download_file(storage.join(base, base_meta["files"]["trained.faiss"]["path"]), trained_copy)
+    trained = faiss.read_index(trained_copy)
+    rebuilt = faiss.clone_index(trained)
+    rebuilt.add(ix.prepare_vectors(emb.xb[rows], "ip"))
+    xq = ix.prepare_vectors(emb.xb[::3], "ip")
+    for index in (rebuilt, appended.index):
+        ix.set_search_params(index, nprobe=2)
+    D1, I1 = ix.search(appended.index, xq, 10)
+    D2, I2 = ix.search(rebuilt, xq, 10)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_array_equal(D1, D2)
+
+    # the scheduled rerun with nothing changed: all cache hits but the scan
+    r3 = _run(package, s3_env, root, cache, arguments=append_args)
+    assert {t.display_name for t in r3.tasks if t.status == "executed"} == {"scan"}
+    # a wrong mode / append without a base index: the scan (first task) fails with one line naming the parameter
+    for bad, words in (({"mode": "apend"}, "mode 'apend'"), ({"mode": "append"}, "base_index_uri")):
+        with pytest.raises(TaskFailed) as failed:
+            _run(package, s3_env, root, cache, arguments={**args, **bad})
+        assert [t.display_name for t in failed.value.result.tasks] == ["scan"]  # nothing after it started
+        (line,) = [line for line in failed.value.log.splitlines() if line.startswith("lgff scan: error:")]
+        assert words in line, line

@@ -85,6 +85,57 @@ def test_scan_fingerprint_follows_content(tmp_path, capsys):
     assert "nothing there" in capsys.readouterr().err
 
 
+def test_scan_checks_the_reindex_mode_and_fingerprints_the_base_index(tmp_path, capsys):
+    """reindex's `mode` / `base_index_uri` run parameters: checked by the (first, never cached) scan task."""
+    import hashlib
+
+    import numpy as np
+
+    from lgff_core.embeddings import EmbeddingTable, write_embeddings
+
+    data = _manifest(tmp_path / "ds", [[4]] * 2)
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "idx")
+    rng = np.random.default_rng(0)
+    write_embeddings(emb, EmbeddingTable(np.array([f"s{i}" for i in range(20)], dtype=object), np.zeros(20, np.int64),
+                                         np.array(["g"] * 20, dtype=object), np.array(["train"] * 20, dtype=object),
+                                         rng.normal(size=(20, 8)).astype(np.float32), ["a"]))
+    assert main(["-q", "index", "build", "--embeddings", emb, "--factory", "Flat", "--out", idx]) == 0
+    out = tmp_path / "scan.json"
+
+    def scan(*argv):
+        capsys.readouterr()
+        code = main(["-q", "scan", data, *argv, "--out", str(out)])
+        return code, capsys.readouterr().err.strip()
+
+    assert scan("--mode", "rebuild", "--base-index", "") == (0, "")
+    assert set(json.loads(out.read_text())) == {data}  # nothing about an index for a rebuild
+    assert scan("--mode", "append", "--base-index", idx) == (0, "")
+    facts = json.loads(out.read_text())[idx]
+    first = hashlib.sha256((tmp_path / "idx" / "index.json").read_bytes()).hexdigest()
+    assert facts == {"uri": idx, "kind": "index", "fingerprint": first, "ntotal": 20, "version": 1}
+    # a pipeline artifact's pointer (index.json naming its bulk prefix) is followed to the index
+    pointer = tmp_path / "artifact" / "index"
+    pointer.mkdir(parents=True)
+    (pointer / "index.json").write_text(json.dumps({"kind": "index", "bulk": {"prefix": idx, "files": []}}))
+    assert scan("--mode", "append", "--base-index", str(pointer)) == (0, "")
+    assert json.loads(out.read_text())[str(pointer)]["uri"] == idx
+    # a new version of the base index: a new fingerprint (so the append task is not a stale cache hit)
+    assert main(["-q", "index", "build", "--embeddings", emb, "--factory", "Flat", "--out", idx]) == 0
+    assert scan("--mode", "append", "--base-index", idx) == (0, "")
+    assert json.loads(out.read_text())[idx]["fingerprint"] != first
+    # bad values: exit 2, one line naming the run parameter (and the URI), nothing written
+    out.unlink()
+    for argv, words in ((["--mode", "apend"], ["mode 'apend'", "rebuild, append"]),
+                        (["--mode", "append", "--base-index", ""], ["base_index_uri"]),
+                        (["--mode", "append", "--base-index", str(tmp_path / "nope")],
+                         ["base_index_uri", str(tmp_path / "nope"), "no index.json"]),
+                        (["--mode", "append", "--base-index", data], ["base_index_uri", "no index.json"])):
+        code, err = scan(*argv)
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("lgff scan: error:"), (argv, err)
+        assert all(w in err for w in words), (argv, err)
+        assert not out.exists()
+
+
 def test_removed_pipeline_keys_name_the_replacement():
     from lgff_core.config import ConfigError, load_config
 

@@ -7,6 +7,7 @@ Sharded:   lgff index train --embeddings E --factory IVF1024,SQ8 --out T
            lgff index add --trained T --embeddings E --rows A:B --out P        (or blocks of selected rows)
            lgff index merge --trained T --partials P_0 ... P_N-1 --out IDX
 Append:    lgff index add --to IDX --embeddings NEW --out IDX2                  (new version, parent = IDX)
+           [--skip-existing]   (leave out rows whose sample_id IDX holds: NEW may be IDX's rows + new ones)
 Remove:    lgff index remove --index IDX --ids IDS.txt --out IDX2               (one sample_id per line, or Parquet)
 Search:    lgff index search --index IDX --queries E --k 10 --out N.parquet [--exclude-self] [--exclude-same-group]
            [--query-split test]   (--k all = the full ranking)
@@ -94,6 +95,9 @@ def register(subparsers) -> None:
     block.add_argument("--rows", type=parse_rows, metavar="A:B", help="--trained: selected rows [A, B)")
     a.add_argument("--out", required=True, help="partial-index URI (--trained) or the new index URI (--to)")
     a.add_argument("--split", help="default: the split the index was trained for (--to: every row)")
+    a.add_argument("--skip-existing", action="store_true",
+                   help="--to: leave out rows whose sample_id the index already holds (idempotent reruns over a "
+                        "grown embeddings set); without it every row is appended")
     add_config_args(a)
     a.set_defaults(func=_add)
 
@@ -162,9 +166,14 @@ def _add(args) -> int:
             raise IndexError_("--to appends a whole embeddings set: --shard / --rows are for --trained")
         cfg = load_args_config(args)
         meta = append_to_index(args.to, args.embeddings, args.out, _splits(args.split),
-                               block_rows=cfg.index.block_rows, max_in_ram=cfg.index.max_in_ram_vectors)
-        print(f"appended {meta['holds'][-1]['rows']} vectors to {args.to}: {meta['ntotal']} vectors -> {args.out}")
+                               skip_existing=args.skip_existing, block_rows=cfg.index.block_rows,
+                               max_in_ram=cfg.index.max_in_ram_vectors)
+        held = meta["holds"][-1]
+        skipped = f" ({held['skipped']} skipped: already in the index)" if "skipped" in held else ""
+        print(f"appended {held['rows']} vectors to {args.to}{skipped}: {meta['ntotal']} vectors -> {args.out}")
         return 0
+    if args.skip_existing:
+        raise IndexError_("--skip-existing is for --to (appending to an index)")
     if not (args.shard or args.rows):
         raise IndexError_("--trained needs the block: --shard I/N or --rows A:B")
     meta = add_from_embeddings(args.trained, args.embeddings, args.out, args.shard, _splits(args.split),

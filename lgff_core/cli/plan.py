@@ -2,6 +2,8 @@
 
   lgff plan --data DATA [--rows-per-task N] [--out BLOCKS.json]   work blocks of about N rows (JSON list)
   lgff scan URI... [--out FINGERPRINTS.json]                      content fingerprint of each imported source
+            [--mode rebuild|append --base-index IDX]               reindex run parameters: checked; for append
+                                                                   IDX's fingerprint too (sha256 of its index.json)
 
 A block is what one embed (and index add) task processes: `lgff embed block --block BLOCK.json ...`.
 """
@@ -26,6 +28,8 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("uris", nargs="+", metavar="URI")
     s.add_argument("--out", help="write {uri: fingerprint facts} as JSON to this file / URI")
+    s.add_argument("--mode", help="reindex mode to check: rebuild or append (append also scans --base-index)")
+    s.add_argument("--base-index", default="", help="--mode append: the index to append to (a prefix with index.json)")
     s.set_defaults(func=_scan)
 
 
@@ -44,9 +48,12 @@ def _plan(args) -> int:
 
 def _scan(args) -> int:
     from .. import storage
-    from ..plan import fingerprint_source
+    from ..plan import fingerprint_source, reindex_base
 
+    base = reindex_base(args.mode, args.base_index) if args.mode is not None else None
     facts = {uri: fingerprint_source(uri) for uri in args.uris}
+    if base is not None:
+        facts[args.base_index] = base
     if args.out:
         storage.write_text(args.out, json.dumps(facts, indent=1, sort_keys=True))
     for uri, f in facts.items():

@@ -10,7 +10,8 @@ Memory is bounded by a block, never by the archive:
   (faiss `OnDiskInvertedLists`, the file `faiss.contrib.ondisk.merge_ondisk` would write, written by `write_lists`
   with bounded resident memory); search memory-maps the lists (`mapped`).
 - `append_lists` / `remove_lists` write a new list file from an existing one plus a partial / minus some ids, one
-  inverted list at a time (the old version is only read).
+  inverted list at a time (the old version is only read); `rows_not_in` is the keep-mask of an append that skips
+  the sample ids the index already holds (`encode_block(..., keep=)` encodes only those rows).
 
 Exact (Flat) and graph (HNSW) indexes, and IVF with a refine stage, keep every vector in RAM: above
 ``index.max_in_ram_vectors`` they are refused by `check_fits_in_ram` with an IVF factory that fits.
@@ -21,7 +22,7 @@ import logging
 import math
 import os
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -33,11 +34,12 @@ from . import mapped
 from ..embeddings import EmbeddingTable, _table_to_arrays, read_embeddings_manifest
 from ..errors import DataError, IndexError_
 from .core import _is_pure_ivf, faiss_metric, new_index
-from .store import IDMAP_ROW_GROUP, IVFDATA_FILE, faiss_chatter_to_stderr, idmap_from_arrays
+from .store import IDMAP_ROW_GROUP, IVFDATA_FILE, IdMap, faiss_chatter_to_stderr, idmap_from_arrays
 
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 32768
+ID_CHUNK = 1 << 20  # sample ids looked up in an index's id map at a time (`rows_not_in`)
 IDMAP_SCHEMA = pa.schema([("sample_id", pa.string()), ("label", pa.int32()), ("group", pa.string()),
                           ("split", pa.string())])
 
@@ -56,6 +58,13 @@ class Block:
 
     def __len__(self) -> int:
         return int(self.xb.shape[0])
+
+    def select(self, mask: np.ndarray) -> "Block":
+        """The rows where `mask` is true (``first`` keeps the block's first row number)."""
+        if mask.all():
+            return self
+        return Block(self.first, self.ids[mask], self.labels[mask], self.groups[mask], self.splits[mask],
+                     self.xb[mask])
 
 
 class EmbeddingsSource:
@@ -129,9 +138,8 @@ class EmbeddingsSource:
                     if seen >= stop:
                         return
 
-    def column(self, name: str) -> np.ndarray:
-        """One scalar column over the selected rows (streams that column and split only)."""
-        out = []
+    def iter_column(self, name: str) -> Iterator[np.ndarray]:
+        """One scalar column over the selected rows, one shard at a time (reads that column and split only)."""
         cols = [name] if self.wanted is None or name == "split" else [name, "split"]
         for i in range(len(self.entries)):
             with storage.open_input_file(self.shard_uri(i)) as f:
@@ -139,7 +147,11 @@ class EmbeddingsSource:
             values = t.column(name).to_numpy(zero_copy_only=False)
             if self.wanted is not None:
                 values = values[np.isin(np.asarray(t.column("split").to_pylist(), dtype=object), self.wanted)]
-            out.append(values)
+            yield values
+
+    def column(self, name: str) -> np.ndarray:
+        """One scalar column over the selected rows."""
+        out = list(self.iter_column(name))
         return np.concatenate(out) if out else np.empty(0)
 
     def take(self, rows: np.ndarray) -> EmbeddingTable:
@@ -178,6 +190,27 @@ def normalise(x: np.ndarray, metric: str, where: str) -> np.ndarray:
                             "cannot be normalised for inner-product search")
         faiss.normalize_L2(x)  # bit-identical to the in-RAM path (prepare_vectors)
     return x
+
+
+def rows_not_in(src: EmbeddingsSource, rows: IdMap, chunk: int = ID_CHUNK) -> np.ndarray:
+    """Boolean mask over the selected rows of `src`: True where the sample_id is not among `rows` (an index's id
+    map). Ids are looked up `chunk` at a time (one pass over the id map per chunk), so memory is a chunk of ids
+    plus one byte per row, never the vectors."""
+    masks, pending, held = [], [], 0
+
+    def flush():
+        nonlocal pending, held
+        if pending:
+            masks.append(rows.find(np.concatenate(pending)) < 0)
+        pending, held = [], 0
+
+    for ids in src.iter_column("sample_id"):
+        pending.append(ids)
+        held += len(ids)
+        if held >= chunk:
+            flush()
+    flush()
+    return np.concatenate(masks) if masks else np.zeros(0, bool)
 
 
 # ------------------------------------------------------------------------------------------------ size checks
@@ -255,14 +288,20 @@ class IdMapWriter:
 
 
 def encode_block(trained: faiss.Index, src: EmbeddingsSource, start: int, stop: int, metric: str,
-                 id_offset: int, idmap: IdMapWriter) -> faiss.Index:
-    """IVF partial: a copy of the trained index holding selected rows [start, stop) with ids from `id_offset`."""
+                 id_offset: int, idmap: IdMapWriter,
+                 keep: Optional[Callable[[Block], np.ndarray]] = None) -> faiss.Index:
+    """IVF partial: a copy of the trained index holding selected rows [start, stop) with consecutive ids from
+    `id_offset`; `keep(block)` (a boolean mask per streamed block) leaves rows out."""
     partial = faiss.clone_index(trained)
     partial.reset()
     t0 = time.perf_counter()
     for block in src.blocks(start, stop):
+        if keep is not None:
+            block = block.select(keep(block))
+            if not len(block):
+                continue
         x = normalise(block.xb, metric, f"{src.uri} rows {block.first}..")
-        ids = np.arange(block.first - start, block.first - start + len(block), dtype=np.int64) + id_offset
+        ids = np.arange(partial.ntotal, partial.ntotal + len(block), dtype=np.int64) + id_offset
         partial.add_with_ids(x, ids)
         idmap.write_block(block)
     logger.info("encoded rows %d..%d (%d vectors) in %.1f s", start, stop, partial.ntotal, time.perf_counter() - t0)

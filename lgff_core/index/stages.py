@@ -22,10 +22,11 @@ from .. import storage
 from ..errors import DataError, IndexError_
 from .core import (_is_pure_ivf, build_index, merge_shards, prepare_vectors, search_neighbours_batched, train_index)
 from .ondisk import (EmbeddingsSource, IdMapWriter, append_lists, block_ranges, check_fits_in_ram, encode_block,
-                     is_ondisk_factory, merge_partials_ondisk, raw_block, remove_file, remove_lists)
+                     is_ondisk_factory, merge_partials_ondisk, raw_block, remove_file, remove_lists,
+                     rows_not_in)
 from .ondisk import train_sample as sample_for_training
-from .store import (IDMAP_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, TRAINED_FILE, LocalFiles, Staging, file_digest,
-                    idmap_table, load_index, read_faiss_file, read_manifest, save_index, legacy_local_path)
+from .store import (IDMAP_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, TRAINED_FILE, IdMap, LocalFiles, Staging,
+                    file_digest, idmap_table, load_index, read_faiss_file, read_manifest, save_index, legacy_local_path)
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,17 @@ def _publish_ondisk(stage: Staging, index: faiss.Index, trained: faiss.Index, me
 
 
 def _encode_to_files(stage: Staging, trained: faiss.Index, src: EmbeddingsSource, metric: str, id_offset: int,
-                     idmap: IdMapWriter, block_rows: int) -> list[str]:
-    """Encode every selected row of `src` block by block into partial files in the staging directory."""
+                     idmap: IdMapWriter, block_rows: int, keep: Optional[np.ndarray] = None) -> list[str]:
+    """Encode every selected row of `src` (where the mask `keep` is true) block by block into partial files in the
+    staging directory; ids are consecutive from `id_offset` over the encoded rows."""
     paths = []
-    for i, (a, b) in enumerate(block_ranges(0, src.num_rows, block_rows)):
-        partial = encode_block(trained, src, a, b, metric, id_offset + a, idmap)
-        paths.append(stage.path(f"part-{i:05d}.faiss"))
+    select = None if keep is None else (lambda block: keep[block.first:block.first + len(block)])
+    for a, b in block_ranges(0, src.num_rows, block_rows):
+        if keep is not None and not keep[a:b].any():
+            continue
+        partial = encode_block(trained, src, a, b, metric, id_offset, idmap, select)
+        id_offset += int(partial.ntotal)
+        paths.append(stage.path(f"part-{len(paths):05d}.faiss"))
         faiss.write_index(partial, paths[-1])
         del partial
     return paths
@@ -226,35 +232,54 @@ def _child_meta(pmeta: dict, parent_uri: str) -> dict:
 
 
 def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Optional[str | Sequence[str]] = None,
-                    *, block_rows: int = DEFAULT_BLOCK_ROWS, max_in_ram: Optional[int] = None) -> dict:
-    """`lgff index add --to INDEX --embeddings NEW --out NEWINDEX`: NEW's rows appended with the parent's trained
-    quantizer (ids continue after the parent's); NEWINDEX is a new version naming its parent."""
+                    *, skip_existing: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
+                    max_in_ram: Optional[int] = None) -> dict:
+    """`lgff index add --to INDEX --embeddings NEW --out NEWINDEX [--skip-existing]`: NEW's rows appended with the
+    parent's trained quantizer (ids continue after the parent's); NEWINDEX is a new version naming its parent.
+
+    `skip_existing` leaves out the rows whose sample_id the parent already holds, so appending a grown embeddings
+    set (the parent's rows + new ones) appends only the new rows and a rerun is idempotent. When no row is new,
+    NEWINDEX is still written: a new version holding exactly the parent's rows (its ``holds`` entry says 0 rows),
+    so a caller always gets an index at NEWINDEX and the parent is never referenced as someone else's output."""
     pmeta = read_manifest(index_uri)
     src = EmbeddingsSource(embeddings_uri, split)
-    n_new = _nonempty(src)
+    n_rows = _nonempty(src)
     if src.dim != int(pmeta["d"]):
         raise DataError(f"{embeddings_uri}: dimension {src.dim}, the index {index_uri} has {pmeta['d']}")
     meta = _child_meta(pmeta, index_uri)
-    meta["holds"].append({"embeddings": src.uri, "split": src.split, "rows": n_new})
     metric = pmeta.get("metric", "ip")
-    if not pmeta.get("ondisk"):
+    ondisk = bool(pmeta.get("ondisk"))
+    if ondisk:
+        local = LocalFiles(index_uri, pmeta, [INDEX_FILE, IVFDATA_FILE, TRAINED_FILE, IDMAP_FILE])
+        rows = IdMap(local.paths[IDMAP_FILE])
+    else:
+        bundle = load_index(index_uri)
+        rows = bundle.rows
+    keep = rows_not_in(src, rows) if skip_existing else None
+    n_new = n_rows if keep is None else int(keep.sum())
+    meta["holds"].append({"embeddings": src.uri, "split": src.split, "rows": n_new,
+                          **({"skipped": n_rows - n_new} if skip_existing else {})})
+    logger.info("%s: appending %d of %d rows to %s (%d skipped: already there)", embeddings_uri, n_new, n_rows,
+                index_uri, n_rows - n_new)
+    if not ondisk:
         from ..embeddings import read_embeddings
 
         check_fits_in_ram(pmeta["factory"], int(pmeta["ntotal"]) + n_new, src.dim, metric, max_in_ram)
-        bundle = load_index(index_uri)
         emb = read_embeddings(embeddings_uri, split=split)
+        if keep is not None:
+            emb = emb.subset(keep)
         index = faiss.clone_index(bundle.index)
-        index.add(prepare_vectors(emb.xb, metric, index.d, where=str(embeddings_uri)))
+        if len(emb):
+            index.add(prepare_vectors(emb.xb, metric, index.d, where=str(embeddings_uri)))
         new_rows = idmap_table(emb)
         return save_index(index, pa.concat_tables([bundle.idmap.cast(new_rows.schema), new_rows]), out_uri, meta)
-    local = LocalFiles(index_uri, pmeta, [INDEX_FILE, IVFDATA_FILE, TRAINED_FILE, IDMAP_FILE])
     parent = read_faiss_file(local.paths[INDEX_FILE], ondisk=True)
     trained = faiss.read_index(local.paths[TRAINED_FILE])
     stage = Staging(out_uri)
     try:
         idmap = IdMapWriter(stage.path(IDMAP_FILE))
         idmap.copy_from(local.paths[IDMAP_FILE])
-        parts = _encode_to_files(stage, trained, src, metric, int(parent.ntotal), idmap, block_rows)
+        parts = _encode_to_files(stage, trained, src, metric, int(parent.ntotal), idmap, block_rows, keep)
         idmap.close()
         partials = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in parts]
         index = append_lists(trained, parent, partials, stage.path(IVFDATA_FILE))
