@@ -96,8 +96,7 @@ def build_from_embeddings(embeddings_uri: str, out_uri: str, factory: str = "Fla
         index = build_index(emb.xb, factory, metric, train_sample, seed)
         return save_index(index, idmap_table(emb), out_uri, meta)
     trained = train_index(sample_for_training(src, train_sample, seed, metric), factory, metric, seed)
-    stage = Staging(out_uri)
-    try:
+    with Staging(out_uri) as stage:
         idmap = IdMapWriter(stage.path(IDMAP_FILE))
         parts = _encode_to_files(stage, trained, src, metric, 0, idmap, block_rows)
         idmap.close()
@@ -105,9 +104,6 @@ def build_from_embeddings(embeddings_uri: str, out_uri: str, factory: str = "Fla
         for path in parts:
             remove_file(path)
         return _publish_ondisk(stage, index, trained, meta)
-    except BaseException:
-        stage.abort()
-        raise
 
 
 def train_from_embeddings(embeddings_uri: str, out_uri: str, factory: str, metric: str = "ip",
@@ -119,16 +115,12 @@ def train_from_embeddings(embeddings_uri: str, out_uri: str, factory: str, metri
     check_fits_in_ram(factory, n, src.dim, metric, max_in_ram)
     xt = sample_for_training(src, train_sample, seed, metric)
     index = train_index(xt, factory, metric, seed)
-    stage = Staging(out_uri)
-    try:
+    with Staging(out_uri) as stage:
         faiss.write_index(index, stage.path(TRAINED_FILE))
         meta = {**_source_meta(src, factory, metric, nprobe), "kind": "trained-index", "d": int(index.d),
                 "trained_on": len(xt), "rows": n,
                 "quantizer_sha256": file_digest(stage.path(TRAINED_FILE))["sha256"]}
         return stage.publish(meta, [TRAINED_FILE])
-    except BaseException:
-        stage.abort()
-        raise
 
 
 def _load_trained(trained_uri: str) -> tuple[faiss.Index, dict, list]:
@@ -157,8 +149,7 @@ def add_from_embeddings(trained_uri: str, embeddings_uri: str, out_uri: str, sha
         a, b = max(0, int(rows[0])), min(src.num_rows, int(rows[1]))
         if a > b:
             raise IndexError_(f"rows {rows[0]}:{rows[1]} are outside the {src.num_rows} selected rows")
-    stage = Staging(out_uri, PARTIAL_META)
-    try:
+    with Staging(out_uri, PARTIAL_META) as stage:
         idmap = IdMapWriter(stage.path(IDMAP_FILE))
         if _is_pure_ivf(trained):
             partial = encode_block(trained, src, a, b, tmeta["metric"], a, idmap)
@@ -170,9 +161,6 @@ def add_from_embeddings(trained_uri: str, embeddings_uri: str, out_uri: str, sha
                 "ntotal": int(partial.ntotal), "trained": str(trained_uri), "embeddings": str(embeddings_uri),
                 "quantizer_sha256": tmeta.get("quantizer_sha256")}
         return stage.publish(meta, [INDEX_FILE, IDMAP_FILE])
-    except BaseException:
-        stage.abort()
-        raise
 
 
 def merge_partials(trained_uri: str, partial_uris: Sequence[str], out_uri: str, *,
@@ -205,17 +193,13 @@ def merge_partials(trained_uri: str, partial_uris: Sequence[str], out_uri: str, 
         index = merge_shards(trained, [faiss.read_index(f.paths[INDEX_FILE]) for f in files])
         idmap = pa.concat_tables([pq.read_table(f.paths[IDMAP_FILE]) for f in files])
         return save_index(index, idmap, out_uri, meta)
-    stage = Staging(out_uri)
-    try:
+    with Staging(out_uri) as stage:
         index = merge_partials_ondisk(trained, [f.paths[INDEX_FILE] for f in files], stage.path(IVFDATA_FILE))
         idmap = IdMapWriter(stage.path(IDMAP_FILE))
         for f in files:
             idmap.copy_from(f.paths[IDMAP_FILE])
         idmap.close()
         return _publish_ondisk(stage, index, trained, meta)
-    except BaseException:
-        stage.abort()
-        raise
 
 
 def _parent_info(uri: str) -> dict:
@@ -275,8 +259,7 @@ def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Op
         return save_index(index, pa.concat_tables([bundle.idmap.cast(new_rows.schema), new_rows]), out_uri, meta)
     parent = read_faiss_file(local.paths[INDEX_FILE], ondisk=True)
     trained = faiss.read_index(local.paths[TRAINED_FILE])
-    stage = Staging(out_uri)
-    try:
+    with Staging(out_uri) as stage:
         idmap = IdMapWriter(stage.path(IDMAP_FILE))
         idmap.copy_from(local.paths[IDMAP_FILE])
         parts = _encode_to_files(stage, trained, src, metric, int(parent.ntotal), idmap, block_rows, keep)
@@ -287,9 +270,6 @@ def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Op
         for path in parts:
             remove_file(path)
         return _publish_ondisk(stage, index, trained, meta)
-    except BaseException:
-        stage.abort()
-        raise
 
 
 def read_id_list(uri: str) -> list[str]:
@@ -329,16 +309,12 @@ def remove_from_index(index_uri: str, ids_uri: str, out_uri: str) -> dict:
         return save_index(index, table.filter(pa.array(keep)), out_uri, meta)
     local = LocalFiles(index_uri, pmeta, [TRAINED_FILE])
     trained = faiss.read_index(local.paths[TRAINED_FILE])
-    stage = Staging(out_uri)
-    try:
+    with Staging(out_uri) as stage:
         index = remove_lists(trained, bundle.index, drop, stage.path(IVFDATA_FILE))
         idmap = IdMapWriter(stage.path(IDMAP_FILE))
         idmap.copy_from(bundle.rows.path, drop)
         idmap.close()
         return _publish_ondisk(stage, index, trained, meta)
-    except BaseException:
-        stage.abort()
-        raise
 
 
 def search_to_parquet(index_uri: str, queries_uri: str, out_uri: str, k: Optional[int], *,

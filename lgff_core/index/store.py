@@ -282,6 +282,13 @@ class Staging:
             if os.path.isdir(old_dir) and not os.listdir(old_dir):
                 os.rmdir(old_dir)
 
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # any exception (KeyboardInterrupt, SystemExit too) drops the unpublished files
+            self.abort()
+
     def abort(self) -> None:
         """Drop the unpublished version (a killed writer's leftovers are removed by the next writer instead)."""
         if self._tmp is not None:
@@ -364,8 +371,7 @@ def save_index(index: faiss.Index, idmap: pa.Table, out_uri: str, meta: dict,
     """Publish an in-RAM index (Flat, HNSW, in-RAM IVF) as a new version of `out_uri`."""
     if idmap.num_rows != index.ntotal:
         raise IndexError_(f"id map has {idmap.num_rows} rows but the index holds {index.ntotal} vectors")
-    stage = Staging(out_uri)
-    try:
+    with Staging(out_uri) as stage:
         faiss.write_index(index, stage.path(INDEX_FILE))
         pq.write_table(idmap, stage.path(IDMAP_FILE), row_group_size=IDMAP_ROW_GROUP)
         names = [INDEX_FILE, IDMAP_FILE]
@@ -377,9 +383,6 @@ def save_index(index: faiss.Index, idmap: pa.Table, out_uri: str, meta: dict,
         if trained is not None:
             meta["quantizer_sha256"] = file_digest(stage.path(TRAINED_FILE))["sha256"]
         return stage.publish(meta, names)
-    except BaseException:
-        stage.abort()
-        raise
 
 
 def load_index(uri: str) -> IndexBundle:
