@@ -59,11 +59,32 @@ def test_nuclei_splits_share_no_pixels():
 def test_tissue_set_tiles_match_source(built):
     uri = str(built / "histolytics-tissue")
     m = read_manifest(uri)
-    assert m.label_names == ["stroma", "tumor-nest"] and m.num_rows == 72
+    # 160 px tiles: 9 x 9 per 1500 px image, 3 x 3 per split block, 2 of the 9 blocks per image in val and in test
+    assert m.label_names == ["stroma", "tumor-nest"] and m.num_rows == 162
+    assert m.split_counts == {"train": 90, "val": 36, "test": 36}
     row = next(r for r in read_table(uri).to_pylist() if r["sample_id"] == "hgsc_nest/tile-01-02")
     src = np.asarray(Image.open(samples.sample_files()["histolytics/hgsc_nest.jpg"]).convert("RGB"))
     assert row["label_name"] == "tumor-nest" and row["group"] == "hgsc_nest"
-    assert np.array_equal(np.asarray(decode_image(row["image"])), src[224:448, 448:672])
+    assert np.array_equal(np.asarray(decode_image(row["image"])), src[160:320, 320:480])
+
+
+def test_tissue_tiles_stay_inside_one_split_block():
+    tasks, _ = samples._tissue_tasks(samples.sample_files(), tile=160, seed=0)
+    for image in samples.HISTOLYTICS_IMAGES:
+        stem = image.rsplit(".", 1)[0]
+        items = [(t.args[1], t.args[5]) for t in tasks if t.args[4] == stem]
+        boxes = np.array([b for b, _ in items])
+        splits = np.array([s for _, s in items])
+        assert len(items) == 81 and (boxes[:, 2:] - boxes[:, :2] == 160).all() and boxes.max() <= 1500
+        # the split blocks are 3 x 3 tiles (480 px): each block holds one split, which is block_splits' deal
+        deal = samples.block_splits(3, 0, stem)
+        for (y0, x0, _, _), split in items:
+            assert split == deal[(y0 // 480, x0 // 480)]
+        assert sorted((splits == s).sum() for s in ("train", "val", "test")) == [18, 18, 45]
+        # no pixel is shared between splits: tiles of different splits never overlap
+        overlap = ((boxes[:, None, 0] < boxes[None, :, 2]) & (boxes[None, :, 0] < boxes[:, None, 2])
+                   & (boxes[:, None, 1] < boxes[None, :, 3]) & (boxes[None, :, 1] < boxes[:, None, 3]))
+        assert not (overlap & (splits[:, None] != splits[None, :])).any(), stem
 
 
 def test_coco_set(built):

@@ -34,7 +34,7 @@ def test_kill_during_checkpoint_copy_then_resume(tiny, data, tmp_path, monkeypat
 
     def improving(*args, **kwargs):  # every epoch improves: epoch 2 is best, so epoch 2 copies into best/
         calls["n"] += 1
-        return 0.1 * calls["n"], "val-vs-train"
+        return 0.1 * calls["n"], 0.5, "val-vs-train"  # (Recall@1, mAP@100, protocol)
 
     monkeypatch.setattr(trainer, "_validate", improving)
     original = ckpt.copy_checkpoint

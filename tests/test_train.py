@@ -13,7 +13,8 @@ from lgff_core.config import LGFFConfig, apply_overrides
 from lgff_core.train import checkpoint as ckpt
 from lgff_core.train import feature_cache as fc
 from lgff_core.train import train_stage
-from lgff_core.train.trainer import StopTraining, recall_at_1
+from lgff_core.train import trainer as trainer_mod
+from lgff_core.train.trainer import StopTraining, recall_at_1, validation_scores
 from s3_server import s3_env  # noqa: F401  (session fixture)
 from test_train_support import make_dataset, tiny_build_model
 
@@ -49,6 +50,32 @@ def test_recall_at_1_hand_computed():
     assert recall_at_1(xb, yb, xb, yb, leave_one_out=True) == pytest.approx(2 / 3)  # item 0's NN is item 2
 
 
+def test_validation_scores_hand_computed():
+    xb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    yb = np.array([0, 1, 1])
+    xq = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.95, 0.3]])
+    # rankings: q0 [0, 2, 1] AP 1; q1 [1, 2, 0] AP 1; q2 [0, 2, 1] relevant at ranks 2, 3: (1/2 + 2/3) / 2
+    r1, m = validation_scores(xq, np.array([0, 1, 1]), xb, yb)
+    assert r1 == pytest.approx(2 / 3) and m == pytest.approx((1 + 1 + 7 / 12) / 3)
+    # AP@1 divides by min(1, R): q2 scores 0
+    assert validation_scores(xq, np.array([0, 1, 1]), xb, yb, k=1)[1] == pytest.approx(2 / 3)
+    # leave-one-out: item 0 has no other class-0 item (left out); items 1 and 2 find each other first
+    assert validation_scores(xb, yb, xb, yb, leave_one_out=True) == (pytest.approx(2 / 3), pytest.approx(1.0))
+
+
+def test_best_checkpoint_breaks_recall_ties_by_val_map(tiny, data, tmp_path, monkeypatch):
+    # Recall@1 saturates at 1.0 from epoch 1 while mAP keeps rising: `best/` must be the epoch with the highest mAP
+    # among the best-Recall@1 epochs (the old rule, earliest epoch on a tie, kept epoch 1), and a higher Recall@1
+    # still wins over any mAP
+    scripted = iter([(1.0, 0.70), (1.0, 0.90), (0.95, 0.99), (1.0, 0.85)])
+    monkeypatch.setattr(trainer_mod, "_validate", lambda *a, **k: (*next(scripted), "val-vs-train"))
+    s = train_stage(tiny, data, str(tmp_path / "run"))
+    assert s["best_epoch"] == 2 and s["best_val_map_at_100"] == pytest.approx(0.90)
+    assert ckpt.read_sidecar(str(tmp_path / "run/best"))["epoch"] == 2
+    rows = [json.loads(l) for l in open(tmp_path / "run/metrics.jsonl")]
+    assert [r["val_map@100"] for r in rows] == [0.70, 0.90, 0.99, 0.85]
+
+
 def test_train_stage_learns_and_publishes(tiny, data, tmp_path):
     out = str(tmp_path / "run")
     s = train_stage(tiny, data, out)
@@ -57,7 +84,7 @@ def test_train_stage_learns_and_publishes(tiny, data, tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["lr"] == pytest.approx(1e-4, rel=1e-6)  # cosine ends at lr_min after the last step
     assert all(r["val_protocol"] == "val-vs-train" and 0 <= r["val_recall@1"] <= 1 for r in rows)
-    best = max(rows, key=lambda r: (r["val_recall@1"], -r["epoch"]))
+    best = max(rows, key=lambda r: (r["val_recall@1"], r["val_map@100"], -r["epoch"]))
     assert s["best_epoch"] == best["epoch"]
     last, bestm = ckpt.read_sidecar(f"{out}/last"), ckpt.read_sidecar(f"{out}/best")
     assert last["epoch"] == 4 and bestm["epoch"] == best["epoch"]

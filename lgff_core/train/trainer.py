@@ -13,10 +13,13 @@ Per step (both paths share the head computation):
 
 Validation every epoch (documented protocol): embeddings of the `val` split (queries) and the `train` split
 (database), un-augmented, with the current model; cosine kNN (inner product of L2-normalised descriptors, exact);
-Recall@1 = fraction of queries whose nearest database item has the query's label. With no `val` rows it falls
-back to leave-one-out within the train split (the query itself excluded).
+Recall@1 = fraction of queries whose nearest database item has the query's label; mAP@100 = AP over each query's
+100 nearest items, divided by min(100, number of relevant items). With no `val` rows it falls back to
+leave-one-out within the train split (the query itself excluded).
 
-Outputs under `out`: `last/` (every epoch), `best/` (best val Recall@1; ties keep the earlier epoch),
+Outputs under `out`: `last/` (every epoch), `best/` (best val Recall@1, ties broken by val mAP@100, then the
+earlier epoch: Recall@1 of n queries moves in steps of 1/n and saturates on small or easy validation splits, where
+"earlier epoch" alone kept a barely trained model),
 `_staging/` (the checkpoint being published; a complete one there is a valid resume point), `metrics.jsonl`
 (one JSON line per epoch). A checkpoint is written to `_staging/` first, then copied to `last/` (sidecar last).
 Resume = the complete checkpoint with the highest epoch among `last/` and `_staging/`; its RNG state, optimizer
@@ -45,7 +48,7 @@ from .feature_cache import FeatureCache, build_feature_cache, cache_key, dataset
 from .sync_norm import convert_to_global_batchnorm
 from .schedule import WarmupCosineSchedule
 
-__all__ = ["train_stage", "TrainStep", "recall_at_1", "resolve_device", "bf16_supported", "StopTraining"]
+__all__ = ["train_stage", "TrainStep", "recall_at_1", "validation_scores", "resolve_device", "bf16_supported", "StopTraining"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,38 @@ def recall_at_1(xq: torch.Tensor, yq: np.ndarray, xb: torch.Tensor, yb: np.ndarr
         top = torch.argmax(s, dim=1)
         hits += int((yb_t[top] == torch.as_tensor(yq[q0:q0 + block])).sum())
     return hits / xq.shape[0]
+
+
+VAL_MAP_K = 100
+
+
+def validation_scores(xq: torch.Tensor, yq: np.ndarray, xb: torch.Tensor, yb: np.ndarray,
+                      leave_one_out: bool = False, k: int = VAL_MAP_K, block: int = 1024) -> tuple[float, float]:
+    """(Recall@1, mAP@k) of exact cosine kNN; Recall@1 as `recall_at_1`. AP@k of a query = precision@r summed over
+    the relevant ranks r <= k, divided by min(k, R) (R = relevant database items; queries with R = 0 are left out):
+    a continuous score from the same pass, which breaks Recall@1 ties between epochs."""
+    r1 = recall_at_1(xq, yq, xb, yb, leave_one_out=leave_one_out, block=block)
+    if xq.shape[0] == 0:
+        return r1, float("nan")
+    yb_t = torch.as_tensor(yb)
+    counts = torch.bincount(yb_t[yb_t >= 0], minlength=int(max(yb.max(initial=0), yq.max(initial=0))) + 1)
+    kk = min(k, xb.shape[0] - (1 if leave_one_out else 0))
+    aps = []
+    for q0 in range(0, xq.shape[0], block):
+        s = xq[q0:q0 + block].float() @ xb.float().T
+        yq_t = torch.as_tensor(yq[q0:q0 + block])
+        if leave_one_out:
+            rows = torch.arange(s.shape[0])
+            s[rows, rows + q0] = -float("inf")
+        idx = torch.topk(s, kk, dim=1).indices
+        rel = (yb_t[idx] == yq_t[:, None]).float()
+        R = counts[yq_t.clamp(min=0)] - (1 if leave_one_out else 0)
+        prec = rel.cumsum(1) / torch.arange(1, kk + 1)
+        norm = torch.minimum(R, torch.tensor(kk)).float()
+        ap = (prec * rel).sum(1) / norm.clamp(min=1)
+        aps.append(ap[(R > 0) & (yq_t >= 0)])
+    aps_t = torch.cat(aps)
+    return r1, float(aps_t.mean()) if aps_t.numel() else float("nan")
 
 
 class TrainStep(nn.Module):
@@ -389,10 +424,10 @@ def train_stage(
     schedule = WarmupCosineSchedule(optimizer, total_steps, lr_min_ratio=tc.lr_min / tc.lr,
                                     warmup_steps=round(tc.warmup_epochs * steps_per_epoch))
 
-    start_epoch, best_r1, best_epoch = 0, -1.0, 0
+    start_epoch, best_r1, best_map, best_epoch = 0, -1.0, -1.0, 0
     history: list[dict] = []
     if resume_from is not None:
-        start_epoch, best_r1, best_epoch, history = _restore(resume_from, model, loss_fn, optimizer, schedule,
+        start_epoch, best_r1, best_map, best_epoch, history = _restore(resume_from, model, loss_fn, optimizer, schedule,
                                                              class_names, backbone_info, out_uri, device)
 
     step_module: nn.Module = TrainStep(model, loss_fn)
@@ -446,16 +481,20 @@ def train_stage(
                "steps": steps, "images": seen}
         if dist.main:
             t1 = time.perf_counter()
-            r1, protocol = _validate(model, caches, data_uri, cfg, eval_tf, extract, device, manifest, progress)
-            row.update({"val_recall@1": r1, "val_protocol": protocol, "val_time_s": time.perf_counter() - t1})
-            improved = r1 > best_r1
+            r1, val_map, protocol = _validate(model, caches, data_uri, cfg, eval_tf, extract, device, manifest,
+                                              progress)
+            row.update({"val_recall@1": r1, f"val_map@{VAL_MAP_K}": val_map, "val_protocol": protocol,
+                        "val_time_s": time.perf_counter() - t1})
+            # nan (no relevant item anywhere) compares False: never "improved" by mAP alone
+            improved = r1 > best_r1 or (r1 == best_r1 and val_map > best_map)
             if improved:
-                best_r1, best_epoch = r1, epoch + 1
+                best_r1, best_map, best_epoch = r1, val_map, epoch + 1
             history = [h for h in history if h["epoch"] <= epoch] + [row]
             meta = {"name": cfg.name, "config": config_dict, "backbone": backbone_info, "class_names": class_names,
                     "embedding_dim": int(model.embedding_dim), "epoch": epoch + 1,
                     "global_step": schedule.last_step, "metrics": row, "best": {"epoch": best_epoch,
-                                                                                "val_recall@1": best_r1},
+                                                                                "val_recall@1": best_r1,
+                                                                                f"val_map@{VAL_MAP_K}": best_map},
                     "data": {"uri": data_uri, "fingerprint": manifest.source_fingerprint},
                     "init": init}
             _publish(out_uri, model, loss_fn, optimizer, schedule, meta, improved, device)
@@ -471,7 +510,7 @@ def train_stage(
                 summary["stopped_early"] = True
                 break
 
-    summary.update(best_epoch=best_epoch, best_val_recall_at_1=best_r1,
+    summary.update(best_epoch=best_epoch, best_val_recall_at_1=best_r1, best_val_map_at_100=best_map,
                    last_checkpoint=storage.join(out_uri, LAST), best_checkpoint=storage.join(out_uri, BEST),
                    metrics=storage.join(out_uri, METRICS))
     if dist.owns_group:
@@ -545,7 +584,8 @@ def _embed(model, cache: Optional[FeatureCache], batches: Optional[Callable[[], 
     return torch.cat(outs), np.concatenate(labels)
 
 
-def _validate(model, caches, data_uri, cfg, eval_tf, extract, device, manifest, progress) -> tuple[float, str]:
+def _validate(model, caches, data_uri, cfg, eval_tf, extract, device, manifest, progress
+              ) -> tuple[float, float, str]:
     tc = cfg.train
     model.eval()
     bs = max(tc.batch_size, 64)
@@ -557,8 +597,8 @@ def _validate(model, caches, data_uri, cfg, eval_tf, extract, device, manifest, 
     if caches.get(tc.val_split) is not None or (not caches and manifest.split_counts.get(tc.val_split, 0)):
         xq, yq = _embed(model, caches.get(tc.val_split), source(tc.val_split), extract, device, bs)
         if xq.shape[0]:
-            return recall_at_1(xq, yq, xb, yb), f"{tc.val_split}-vs-{tc.train_split}"
-    return recall_at_1(xb, yb, xb, yb, leave_one_out=True), f"leave-one-out-{tc.train_split}"
+            return (*validation_scores(xq, yq, xb, yb), f"{tc.val_split}-vs-{tc.train_split}")
+    return (*validation_scores(xb, yb, xb, yb, leave_one_out=True), f"leave-one-out-{tc.train_split}")
 
 
 def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
@@ -608,4 +648,6 @@ def _restore(prefix, model, loss_fn, optimizer, schedule, class_names, backbone_
         history.append(meta["metrics"])
     best = meta.get("best", {})
     log.info("resuming from %s after epoch %d", prefix, meta["epoch"])
-    return int(meta["epoch"]), float(best.get("val_recall@1", -1.0)), int(best.get("epoch", 0)), history
+    # a checkpoint from before the mAP tie-break has no val_map: -1 lets a later equal-Recall@1 epoch win
+    return (int(meta["epoch"]), float(best.get("val_recall@1", -1.0)), float(best.get(f"val_map@{VAL_MAP_K}", -1.0)),
+            int(best.get("epoch", 0)), history)
