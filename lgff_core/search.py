@@ -150,7 +150,7 @@ def index_locations(index_uri: str, bundle, write: bool = True) -> pa.Table:
         with storage.open_input_file(uri) as f:
             table = pq.read_table(f)
         meta = json.loads((table.schema.metadata or {}).get(b"lgff", b"{}"))
-        if meta.get("dataset_digest") == digest and table.num_rows == len(bundle.ids):
+        if meta.get("dataset_digest") == digest and table.num_rows == bundle.rows.num_rows:
             return table
         logger.info("%s is stale (dataset or index changed); rebuilding", uri)
     table = _locations_in_index_order(bundle.idmap.column("sample_id").combine_chunks(), dataset_uri, manifest)
@@ -325,16 +325,19 @@ class Searcher:
         return search(index, prepare_vectors(xq, self.metric, index.d, where="queries"), k)
 
     def hits(self, D: np.ndarray, I: np.ndarray) -> list[list[dict]]:
+        # the id map's strings are read for the hit positions only (one pass over its row groups per call)
+        safe = np.maximum(I, 0)
+        ids, groups = self.bundle.rows.take("sample_id", safe), self.bundle.rows.take("group", safe)
         out = []
-        for drow, irow in zip(D, I):
+        for q, (drow, irow) in enumerate(zip(D, I)):
             row = []
-            for score, pos in zip(drow, irow):
+            for j, (score, pos) in enumerate(zip(drow, irow)):
                 if pos < 0:
                     continue
                 label = int(self.bundle.labels[pos])
-                row.append({"sample_id": str(self.bundle.ids[pos]), "label": label,
+                row.append({"sample_id": str(ids[q, j]), "label": label,
                             "label_name": self.label_names[label] if 0 <= label < len(self.label_names) else str(label),
-                            "group": str(self.bundle.groups[pos]), "score": float(score), "position": int(pos)})
+                            "group": str(groups[q, j]), "score": float(score), "position": int(pos)})
             out.append(row)
         return out
 

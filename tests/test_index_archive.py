@@ -75,6 +75,10 @@ def test_sharded_ondisk_merge_equals_in_ram_one_shot(sets, tmp_path):
         parts.append(str(tmp_path / f"p{rows}"))
         assert run("index", "add", "--trained", trained, "--embeddings", uris["all"], "--rows", rows,
                    "--out", parts[-1]) == 0
+    # a partial holds its lists only: the coarse quantizer is the trained index's, not copied into every partial
+    part_meta = ix.read_manifest(parts[0], name=ix.PARTIAL_META)
+    part = faiss.read_index(os.path.join(parts[0], part_meta["files"]["index.faiss"]["path"]), faiss.IO_FLAG_MMAP)
+    assert faiss.extract_index_ivf(part).quantizer.ntotal == 0 and part.ntotal == 220
     assert run("index", "merge", "--trained", trained, "--partials", *parts, "--out", merged) == 0
     meta = ix.read_manifest(merged)
     assert meta["ondisk"] is True and meta["ntotal"] == 420 and meta["nprobe"] == 16

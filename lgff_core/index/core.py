@@ -352,7 +352,7 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
         "database_size": int(index.ntotal),
         # the database actually ranked: the index rows of `database_split` (all rows when not restricted)
         "searched_database_size": int(allowed.sum()),
-        "database_splits": sorted({str(v) for v in np.asarray(bundle.splits)[allowed].tolist()}),
+        "database_splits": sorted(str(idmap.split_names[c]) for c in np.unique(idmap.split_codes[allowed]) if c >= 0),
         "index": bundle.meta.get("uri"),
         "embeddings": bundle.meta.get("embeddings"),
         "database_labels": np.unique(db_labels[allowed]).tolist(),

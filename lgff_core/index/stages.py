@@ -22,7 +22,7 @@ from .. import storage
 from ..errors import DataError, IndexError_
 from .core import (_is_pure_ivf, build_index, merge_shards, prepare_vectors, search_neighbours_batched, train_index)
 from .ondisk import (EmbeddingsSource, IdMapWriter, append_lists, block_ranges, check_fits_in_ram, encode_block,
-                     is_ondisk_factory, merge_partials_ondisk, raw_block, remove_file, remove_lists,
+                     is_ondisk_factory, merge_partials_ondisk, raw_block, remove_file, remove_lists, write_partial,
                      rows_not_in)
 from .ondisk import train_sample as sample_for_training
 from .store import (IDMAP_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, TRAINED_FILE, IdMap, LocalFiles, Staging,
@@ -75,7 +75,7 @@ def _encode_to_files(stage: Staging, trained: faiss.Index, src: EmbeddingsSource
         partial = encode_block(trained, src, a, b, metric, id_offset, idmap, select)
         id_offset += int(partial.ntotal)
         paths.append(stage.path(f"part-{len(paths):05d}.faiss"))
-        faiss.write_index(partial, paths[-1])
+        write_partial(partial, paths[-1])
         del partial
     return paths
 
@@ -156,7 +156,7 @@ def add_from_embeddings(trained_uri: str, embeddings_uri: str, out_uri: str, sha
         else:
             partial = raw_block(src, a, b, tmeta["metric"], trained.d, idmap)
         idmap.close()
-        faiss.write_index(partial, stage.path(INDEX_FILE))
+        write_partial(partial, stage.path(INDEX_FILE))
         meta = {"kind": "partial-index", "shard": list(shard) if shard else None, "rows": [a, b], "id_offset": a,
                 "ntotal": int(partial.ntotal), "trained": str(trained_uri), "embeddings": str(embeddings_uri),
                 "quantizer_sha256": tmeta.get("quantizer_sha256")}
