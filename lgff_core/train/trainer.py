@@ -87,24 +87,24 @@ def _flag(value: Any, device: torch.device) -> bool:
     return bf16_supported(device) if value == "auto" else bool(value)
 
 
+def _similarity_blocks(xq: torch.Tensor, xb: torch.Tensor, leave_one_out: bool, block: int):
+    """(first query, cosine block of `block` queries x database); with `leave_one_out` (xq is xb) each query's own
+    row is -inf."""
+    for q0 in range(0, xq.shape[0], block):
+        s = xq[q0:q0 + block].float() @ xb.float().T
+        if leave_one_out:
+            rows = torch.arange(s.shape[0])
+            s[rows, rows + q0] = -float("inf")
+        yield q0, s
+
+
 def recall_at_1(xq: torch.Tensor, yq: np.ndarray, xb: torch.Tensor, yb: np.ndarray,
                 leave_one_out: bool = False, block: int = 1024) -> float:
     """Exact cosine kNN Recall@1 of L2-normalised queries `xq` (nq, D) against database `xb` (nb, D).
 
     Ties go to the lower database position; with `leave_one_out` (xq is xb) each query's own row is excluded.
     """
-    if xq.shape[0] == 0:
-        return float("nan")
-    hits = 0
-    yb_t = torch.as_tensor(yb)
-    for q0 in range(0, xq.shape[0], block):
-        s = xq[q0:q0 + block].float() @ xb.float().T
-        if leave_one_out:
-            rows = torch.arange(s.shape[0])
-            s[rows, rows + q0] = -float("inf")
-        top = torch.argmax(s, dim=1)
-        hits += int((yb_t[top] == torch.as_tensor(yq[q0:q0 + block])).sum())
-    return hits / xq.shape[0]
+    return validation_scores(xq, yq, xb, yb, leave_one_out=leave_one_out, k=0, block=block)[0]
 
 
 VAL_MAP_K = 100
@@ -112,22 +112,21 @@ VAL_MAP_K = 100
 
 def validation_scores(xq: torch.Tensor, yq: np.ndarray, xb: torch.Tensor, yb: np.ndarray,
                       leave_one_out: bool = False, k: int = VAL_MAP_K, block: int = 1024) -> tuple[float, float]:
-    """(Recall@1, mAP@k) of exact cosine kNN; Recall@1 as `recall_at_1`. AP@k of a query = precision@r summed over
-    the relevant ranks r <= k, divided by min(k, R) (R = relevant database items; queries with R = 0 are left out):
-    a continuous score from the same pass, which breaks Recall@1 ties between epochs."""
-    r1 = recall_at_1(xq, yq, xb, yb, leave_one_out=leave_one_out, block=block)
+    """(Recall@1, mAP@k) of exact cosine kNN, from one similarity pass. Recall@1: ties go to the lower database
+    position. AP@k of a query = precision@r summed over the relevant ranks r <= k, divided by min(k, R) (R =
+    relevant database items; queries with R = 0 are left out): a continuous score that breaks Recall@1 ties between
+    epochs. ``k=0`` computes Recall@1 only (mAP nan)."""
     if xq.shape[0] == 0:
-        return r1, float("nan")
+        return float("nan"), float("nan")
     yb_t = torch.as_tensor(yb)
     counts = torch.bincount(yb_t[yb_t >= 0], minlength=int(max(yb.max(initial=0), yq.max(initial=0))) + 1)
     kk = min(k, xb.shape[0] - (1 if leave_one_out else 0))
-    aps = []
-    for q0 in range(0, xq.shape[0], block):
-        s = xq[q0:q0 + block].float() @ xb.float().T
+    hits, aps = 0, []
+    for q0, s in _similarity_blocks(xq, xb, leave_one_out, block):
         yq_t = torch.as_tensor(yq[q0:q0 + block])
-        if leave_one_out:
-            rows = torch.arange(s.shape[0])
-            s[rows, rows + q0] = -float("inf")
+        hits += int((yb_t[torch.argmax(s, dim=1)] == yq_t).sum())
+        if kk < 1:
+            continue
         idx = torch.topk(s, kk, dim=1).indices
         rel = (yb_t[idx] == yq_t[:, None]).float()
         R = counts[yq_t.clamp(min=0)] - (1 if leave_one_out else 0)
@@ -135,8 +134,8 @@ def validation_scores(xq: torch.Tensor, yq: np.ndarray, xb: torch.Tensor, yb: np
         norm = torch.minimum(R, torch.tensor(kk)).float()
         ap = (prec * rel).sum(1) / norm.clamp(min=1)
         aps.append(ap[(R > 0) & (yq_t >= 0)])
-    aps_t = torch.cat(aps)
-    return r1, float(aps_t.mean()) if aps_t.numel() else float("nan")
+    aps_t = torch.cat(aps) if aps else torch.empty(0)
+    return hits / xq.shape[0], float(aps_t.mean()) if aps_t.numel() else float("nan")
 
 
 class TrainStep(nn.Module):
