@@ -352,8 +352,7 @@ def merge_partials_ondisk(trained: faiss.Index, partial_paths: Sequence[str], iv
     The result is the index `faiss.contrib.ondisk.merge_ondisk` makes (the same list file, byte for byte), but
     written by `write_lists` with bounded resident memory: the partials are memory-mapped and read list by list."""
     t0 = time.perf_counter()
-    with faiss_chatter_to_stderr():
-        partials = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in partial_paths]
+    partials = _read_partials(partial_paths)
     index = _with_lists(trained, write_lists([_ivf(p).invlists for p in partials], ivfdata_path))
     del partials
     logger.info("merged %d partials (%d vectors) into on-disk lists in %.1f s", len(partial_paths), index.ntotal,
@@ -365,9 +364,16 @@ def _ivf(index: faiss.Index):
     return faiss.extract_index_ivf(index)
 
 
-def append_lists(trained: faiss.Index, parent: faiss.Index, partials: Sequence[faiss.Index],
+def _read_partials(paths: Sequence[str]) -> list[faiss.Index]:
+    """Partial files with their lists memory-mapped, not loaded."""
+    with faiss_chatter_to_stderr():
+        return [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in paths]
+
+
+def append_lists(trained: faiss.Index, parent: faiss.Index, partial_paths: Sequence[str],
                  ivfdata_path: str) -> faiss.Index:
-    """New on-disk IVF = the parent's lists followed by the partials'; the parent's list file is only read."""
+    """New on-disk IVF = the parent's lists followed by the partial files'; the parent's list file is only read."""
+    partials = _read_partials(partial_paths)
     return _with_lists(trained, write_lists([_ivf(s).invlists for s in (parent, *partials)], ivfdata_path))
 
 

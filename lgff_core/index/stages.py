@@ -264,9 +264,7 @@ def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Op
         idmap.copy_from(local.paths[IDMAP_FILE])
         parts = _encode_to_files(stage, trained, src, metric, int(parent.ntotal), idmap, block_rows, keep)
         idmap.close()
-        partials = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in parts]
-        index = append_lists(trained, parent, partials, stage.path(IVFDATA_FILE))
-        del partials
+        index = append_lists(trained, parent, parts, stage.path(IVFDATA_FILE))
         for path in parts:
             remove_file(path)
         return _publish_ondisk(stage, index, trained, meta)
