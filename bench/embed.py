@@ -1,7 +1,7 @@
 """Embedding benchmark: images/s of the LGFF model relative to the GeM baseline (same backbone weights, same batch),
 and peak memory of `lgff embed` for two dataset sizes (it must not grow with the dataset).
 
-Each measurement runs `lgff_core.embed.embed_dataset` in a fresh subprocess (so ru_maxrss is that run's peak) over a
+Each measurement runs `lgff_core.retrieval.embed.embed_dataset` in a fresh subprocess (so ru_maxrss is that run's peak) over a
 synthetic shard dataset (decode + transform + forward + Parquet write: the real stage). The LGFF neck/head are
 randomly initialised (speed does not depend on trained values). Goal (issue 5): ratio >= 0.8.
 
@@ -49,7 +49,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     from lgff_core.config import load_config
-    from lgff_core.embed import Embedder, embed_dataset, load_embedder, resolve_speed_options
+    from lgff_core.retrieval.embed import Embedder, embed_dataset, load_embedder, resolve_speed_options
 
     cfg = load_config(None, [f"embed.batch_size={args.batch}", *args.set])
     if args.kind == "baseline":
@@ -65,7 +65,7 @@ def child(args) -> None:
         embedder = Embedder(model, "lgff-random-init", "bench", size, dict(model.backbone.data_config),
                             torch.device("cpu"), **speed)
     # warm-up batch outside the timed run (oneDNN / bf16 kernel selection)
-    from lgff_core.embed import embed_images
+    from lgff_core.retrieval.embed import embed_images
 
     embed_images(embedder, torch.randn(args.batch, 3, embedder.image_size, embedder.image_size))
     t0 = time.perf_counter()

@@ -188,7 +188,7 @@ class Embed(Stage):
     def published_ok(self, out):
         if not (out / "_manifest.json").exists():
             return None
-        from lgff_core.embeddings import read_embeddings
+        from lgff_core.data.embeddings import read_embeddings
 
         try:
             read_embeddings(str(out))
@@ -197,7 +197,7 @@ class Embed(Stage):
             return False
 
     def fingerprint(self, out):
-        from lgff_core.embeddings import read_embeddings
+        from lgff_core.data.embeddings import read_embeddings
 
         e = read_embeddings(str(out))
         return hashlib.sha256(e.xb.tobytes() + "\n".join(e.ids.tolist()).encode()).hexdigest()

@@ -42,7 +42,7 @@ SHARD_ROWS = 50_000
 
 def write_archive(uri: str, n: int, n_test: int, d: int, seed: int) -> None:
     """n train rows + n_test test rows, shards of SHARD_ROWS, one shard in memory at a time."""
-    from lgff_core.embeddings import embeddings_to_table, write_embeddings_manifest, write_embeddings_shard
+    from lgff_core.data.embeddings import embeddings_to_table, write_embeddings_manifest, write_embeddings_shard
 
     rng = np.random.default_rng(seed)
     latent = 32

@@ -6,7 +6,7 @@
     python bench/train.py quality [--config configs/demo.yaml] [--data URI] [--out DIR] [--set k=v ...]
         trains with the feature cache (`train_stage`), then compares the best checkpoint with the frozen-backbone
         GeM baseline (same backbone, same image size) on the test split: queries = test, database = train,
-        exact cosine kNN; Recall@1 / @5 and mAP over the full ranking (lgff_core.metrics).
+        exact cosine kNN; Recall@1 / @5 and mAP over the full ranking (lgff_core.evaluate.metrics).
 
 Data default: the real `histolytics-nuclei` sample set, built with `lgff prep samples --out /tmp/lgff-samples`
 when missing. Threads: torch uses OMP_NUM_THREADS (default 2 here).

@@ -1,10 +1,10 @@
 """kfp v2 components: one per pipeline stage, each a thin typed wrapper around one `lgff` command.
 
-Every component runs ``lgff_core.cli.main([...])`` (via `lgff_core.pipeline_runtime.run_cli`), the same code path
+Every component runs ``lgff_core.cli.main([...])`` (via `lgff_core.kfp.runtime.run_cli`), the same code path
 as the shell, in the project image (`LGFF_IMAGE`; the pipeline may override it per task from
 ``pipeline.image``). Nothing is pip-installed at run time: ``install_kfp_package=False`` and no
 ``packages_to_install``; the image already holds kfp and lgff_core. Datasets, embeddings and indexes are pointer
-artifacts (their manifest; the bulk data lives under ``<pipeline_root>/.bulk/``, `lgff_core.pipeline_runtime`);
+artifacts (their manifest; the bulk data lives under ``<pipeline_root>/.bulk/``, `lgff_core.kfp.runtime`);
 sources imported by URI and the plan's work blocks are parameters, so cache keys follow content; small facts (row
 counts, digests, metrics) go to ``.metadata``.
 """

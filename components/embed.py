@@ -23,7 +23,7 @@ def embed(
     import os
     import tempfile
 
-    from lgff_core.pipeline_runtime import (bulk_uri, dataset_facts, input_path, model_checkpoint_uri,
+    from lgff_core.kfp.runtime import (bulk_uri, dataset_facts, input_path, model_checkpoint_uri,
                                             publish_pointer, run_cli, write_config, write_json_file)
 
     bulk = bulk_uri(embeddings)
@@ -45,7 +45,7 @@ def embed(
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def collect_embeddings(parts: List[Dataset], embeddings: Output[Dataset]):
     """One manifest naming every block output's shard by URI (`lgff embed collect PART... --out`)."""
-    from lgff_core.pipeline_runtime import dataset_facts, input_path, read_pointer, run_cli
+    from lgff_core.kfp.runtime import dataset_facts, input_path, read_pointer, run_cli
 
     run_cli(["embed", "collect", *[input_path(p) for p in parts], "--out", embeddings.path])
     embeddings.metadata.update(dataset_facts(read_pointer(embeddings, "_manifest.json")))

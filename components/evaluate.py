@@ -17,7 +17,7 @@ def evaluate(
     """Searches ``index`` with the protocol's queries (config ``evaluate``). ``results`` holds ``metrics.json``
     (small; it names ``neighbors.parquet`` in the bulk prefix); the scalar metrics also go to ``metrics`` (shown
     by the KFP UI)."""
-    from lgff_core.pipeline_runtime import (bulk_of, bulk_uri, input_path, publish_pointer, run_cli,
+    from lgff_core.kfp.runtime import (bulk_of, bulk_uri, input_path, publish_pointer, run_cli,
                                             write_config, write_json_artifact)
 
     bulk = bulk_uri(results)

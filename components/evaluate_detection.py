@@ -18,7 +18,7 @@ def evaluate_detection(
     """``data_uri`` + ``data_fingerprint`` (cache key on content) name the dataset. The predictions.json, overlays/
     and report.md/.html go to the bulk prefix; ``results`` holds metrics.json naming them (read by the report
     stage); the scalar metrics (bbox_AP, segm_AP, ...) also go to ``metrics``."""
-    from lgff_core.pipeline_runtime import (bulk_uri, input_path, model_checkpoint_uri, publish_pointer, run_cli,
+    from lgff_core.kfp.runtime import (bulk_uri, input_path, model_checkpoint_uri, publish_pointer, run_cli,
                                             write_config, write_json_artifact)
 
     bulk = bulk_uri(results)

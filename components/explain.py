@@ -18,7 +18,7 @@ def explain(
     ``html`` for the KFP UI)."""
     import shutil
 
-    from lgff_core.pipeline_runtime import bulk_of, input_path, model_checkpoint_uri, run_cli, write_config
+    from lgff_core.kfp.runtime import bulk_of, input_path, model_checkpoint_uri, run_cli, write_config
 
     out = explain_dir.path  # a few PNGs and a page, uploaded by the launcher
     run_cli(["explain", "--config", write_config(config_yaml), "--model", model_checkpoint_uri(input_path(model)),

@@ -12,7 +12,7 @@ from ._image import LGFF_IMAGE
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def index_build(config_yaml: str, embeddings: Input[Dataset], index: Output[Artifact]):
-    from lgff_core.pipeline_runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
+    from lgff_core.kfp.runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
 
     bulk = bulk_uri(index)
     run_cli(["index", "build", "--config", write_config(config_yaml), "--embeddings", input_path(embeddings),
@@ -22,7 +22,7 @@ def index_build(config_yaml: str, embeddings: Input[Dataset], index: Output[Arti
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def index_train(config_yaml: str, embeddings: Input[Dataset], trained: Output[Artifact]):
-    from lgff_core.pipeline_runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
+    from lgff_core.kfp.runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
 
     bulk = bulk_uri(trained)
     run_cli(["index", "train", "--config", write_config(config_yaml), "--embeddings", input_path(embeddings),
@@ -34,7 +34,7 @@ def index_train(config_yaml: str, embeddings: Input[Dataset], trained: Output[Ar
 def index_add(block: dict, trained: Input[Artifact], embeddings: Input[Dataset], partial: Output[Artifact]):
     """Partial index over plan block ``block``: collect lists one embeddings shard per block, in block order, so
     the block is shard ``block`` of as many as the collected manifest lists."""
-    from lgff_core.pipeline_runtime import (bulk_of, bulk_uri, dataset_facts, input_path, publish_pointer,
+    from lgff_core.kfp.runtime import (bulk_of, bulk_uri, dataset_facts, input_path, publish_pointer,
                                             read_pointer, run_cli)
 
     num_blocks = len(read_pointer(embeddings, "_manifest.json")["shards"])
@@ -46,7 +46,7 @@ def index_add(block: dict, trained: Input[Artifact], embeddings: Input[Dataset],
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
 def index_merge(trained: Input[Artifact], partials: List[Artifact], index: Output[Artifact]):
-    from lgff_core.pipeline_runtime import bulk_of, bulk_uri, dataset_facts, publish_pointer, run_cli
+    from lgff_core.kfp.runtime import bulk_of, bulk_uri, dataset_facts, publish_pointer, run_cli
 
     bulk = bulk_uri(index)
     run_cli(["index", "merge", "--trained", bulk_of(trained, "index.json"), "--partials",
@@ -61,7 +61,7 @@ def index_append(config_yaml: str, base_index: str, base_index_fingerprint: str,
     does not hold yet, written to this task's own bulk prefix (its manifest names the base as parent; the base is
     only read). ``base_index_fingerprint`` (sha256 of the base's index.json, from the scan) only enters the cache
     key: a changed base index is appended to again."""
-    from lgff_core.pipeline_runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
+    from lgff_core.kfp.runtime import bulk_uri, dataset_facts, input_path, publish_pointer, run_cli, write_config
 
     bulk = bulk_uri(index)
     run_cli(["index", "add", "--config", write_config(config_yaml), "--to", base_index, "--embeddings",

@@ -20,7 +20,7 @@ def scan(data_uri: str, model_uri: str = "", mode: str = "rebuild", base_index_u
     import tempfile
     from collections import namedtuple
 
-    from lgff_core.pipeline_runtime import run_cli
+    from lgff_core.kfp.runtime import run_cli
 
     uris = [u for u in (data_uri, model_uri) if u]
     out = os.path.join(tempfile.mkdtemp(prefix="lgff-scan-"), "scan.json")
@@ -42,7 +42,7 @@ def plan(data_uri: str, data_fingerprint: str, rows_per_task: int) -> list:
     import os
     import tempfile
 
-    from lgff_core.pipeline_runtime import run_cli
+    from lgff_core.kfp.runtime import run_cli
 
     out = os.path.join(tempfile.mkdtemp(prefix="lgff-plan-"), "blocks.json")
     run_cli(["plan", "--data", data_uri, "--rows-per-task", rows_per_task, "--out", out])

@@ -17,7 +17,7 @@ def prep(source: str, config_yaml: str, dataset: Output[Dataset]) -> NamedTuple(
     from collections import namedtuple
 
     from lgff_core import storage
-    from lgff_core.pipeline_runtime import bulk_uri, dataset_facts, object_uri, publish_pointer, run_cli, write_config
+    from lgff_core.kfp.runtime import bulk_uri, dataset_facts, object_uri, publish_pointer, run_cli, write_config
 
     bulk = bulk_uri(dataset)
     common = ["--no-progress", "--config", write_config(config_yaml)]

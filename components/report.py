@@ -22,7 +22,7 @@ def report(
     import shutil
 
     from lgff_core import storage
-    from lgff_core.pipeline_runtime import input_path, object_uri, run_cli, write_config
+    from lgff_core.kfp.runtime import input_path, object_uri, run_cli, write_config
 
     out = report_dir.path  # a few small files, uploaded by the launcher
     argv = ["report", "--config", write_config(config_yaml), "--out", out, "--metrics", input_path(model_results)]

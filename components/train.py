@@ -25,7 +25,7 @@ def train(
     import json
     import os
 
-    from lgff_core.pipeline_runtime import (input_path, model_checkpoint_uri, model_facts, run_cli,
+    from lgff_core.kfp.runtime import (input_path, model_checkpoint_uri, model_facts, run_cli,
                                             write_json_artifact, write_config)
 
     out = model.path

@@ -1,12 +1,12 @@
 """kfp pipeline definitions: they only wire components and set caching, retries, resources and scheduling.
 
 Each module exposes ``build_pipeline(cfg) -> pipeline function``; the config is read at build (compile) time, so
-each task gets its config slice as a constant input (`lgff_core.pipeline_config`) and a config change reruns only
+each task gets its config slice as a constant input (`lgff_core.kfp.config`) and a config change reruns only
 the tasks whose slice changed. `PIPELINES` maps the CLI names to the builders; they are registered with
-`lgff_core.pipeline` here and as `lgff.pipelines` entry points (pyproject.toml), since lgff_core never imports this
+`lgff_core.kfp.pipeline` here and as `lgff.pipelines` entry points (pyproject.toml), since lgff_core never imports this
 package.
 """
-from lgff_core.pipeline import register_pipeline
+from lgff_core.kfp.pipeline import register_pipeline
 
 from . import detection, reindex, train_and_index
 

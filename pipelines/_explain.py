@@ -8,7 +8,7 @@ from kfp import dsl
 
 import components as c
 from lgff_core.config import LGFFConfig
-from lgff_core.pipeline_config import stage_config_yaml
+from lgff_core.kfp.config import stage_config_yaml
 
 from ._wiring import configure_task
 

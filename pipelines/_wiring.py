@@ -9,7 +9,7 @@ from __future__ import annotations
 from kfp import dsl, kubernetes
 
 from lgff_core.config import LGFFConfig
-from lgff_core.pipeline_runtime import PIPELINE_ROOT_ENV
+from lgff_core.kfp.runtime import PIPELINE_ROOT_ENV
 
 GPU_STAGES = ("train", "embed")
 # secret key -> environment variable the stage reads (lgff_core.storage uses the standard AWS names)

@@ -22,7 +22,7 @@ from kfp.dsl import Artifact, Dataset
 
 import components as c
 from lgff_core.config import LGFFConfig
-from lgff_core.pipeline_config import stage_config_yaml
+from lgff_core.kfp.config import stage_config_yaml
 
 from ._wiring import configure_task, pipeline_root_for
 from .train_and_index import embed_fanout, evaluate_task, index_tasks, plan_task, scan_task

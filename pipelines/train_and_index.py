@@ -13,8 +13,8 @@ from kfp.dsl import HTML, Markdown, Model
 
 import components as c
 from lgff_core.config import LGFFConfig
-from lgff_core.pipeline import is_prep_source
-from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
+from lgff_core.kfp.pipeline import is_prep_source
+from lgff_core.kfp.config import stage_config_yaml, train_stage_config_yaml
 
 from ._explain import explain_task, report_kwargs
 from ._wiring import configure_task, pipeline_root_for

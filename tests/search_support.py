@@ -32,7 +32,7 @@ def make_checkpoint(prefix: str, cfg=None) -> str:
 
 
 def build_index_for(model_uri, data_uri, emb_uri, idx_uri, cfg=None, baseline=None):
-    from lgff_core.embed import embed_dataset
+    from lgff_core.retrieval.embed import embed_dataset
     from lgff_core.index import build_from_embeddings
 
     cfg = cfg or tiny_config()
@@ -43,6 +43,6 @@ def build_index_for(model_uri, data_uri, emb_uri, idx_uri, cfg=None, baseline=No
 
 
 def _baseline_embedder(cfg):
-    from lgff_core.embed import load_embedder
+    from lgff_core.retrieval.embed import load_embedder
 
     return load_embedder(None, cfg, "gem-last", weights="package:efficientnet-lite0")  # real, deterministic

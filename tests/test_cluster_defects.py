@@ -10,9 +10,10 @@ import yaml
 from kfp.dsl import Artifact, Dataset, Metrics
 
 import components as c
-from lgff_core import pipeline_runtime, storage
+from lgff_core.kfp import runtime as pipeline_runtime
+from lgff_core import storage
 from lgff_core.config import load_config
-from lgff_core.pipeline import compile_pipeline
+from lgff_core.kfp.pipeline import compile_pipeline
 from s3_server import s3_env  # noqa: F401  (fixture)
 
 

@@ -10,7 +10,7 @@ import yaml
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 import components as c
-from lgff_core import pipeline_runtime
+from lgff_core.kfp import runtime as pipeline_runtime
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""COCO evaluation of detections (lgff_core.metrics_detection) and the COCO-form shard reader (data.detection)."""
+"""COCO evaluation of detections (lgff_core.evaluate.detection_metrics) and the COCO-form shard reader (data.detection)."""
 import numpy as np
 import pytest
 import torch
 
 from lgff_core.data.detection import DetectionDataset, annotations_to_target, detection_train_transform
-from lgff_core.metrics_detection import (coco_from_dicts, coco_metrics, ground_truth_coco, outputs_from_targets,
+from lgff_core.evaluate.detection_metrics import (coco_from_dicts, coco_metrics, ground_truth_coco, outputs_from_targets,
                                          predictions_to_results)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' np.array(copy=False)

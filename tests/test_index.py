@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from lgff_core import index as ix
-from lgff_core import metrics as M
-from lgff_core.embeddings import EmbeddingTable
+from lgff_core.evaluate import metrics as M
+from lgff_core.data.embeddings import EmbeddingTable
 from lgff_core.errors import DataError, IndexError_
 
 faiss.omp_set_num_threads(1)

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from lgff_core import index as ix
-from lgff_core import metrics as M
+from lgff_core.evaluate import metrics as M
+from lgff_core.evaluate import protocol as P
 from lgff_core.cli import main
-from lgff_core.embeddings import EmbeddingTable, read_embeddings, write_embeddings
+from lgff_core.data.embeddings import EmbeddingTable, read_embeddings, write_embeddings
 
 faiss.omp_set_num_threads(1)
 D = 16
@@ -224,12 +225,12 @@ def test_flat_above_max_in_ram_is_refused_with_an_ivf_factory(sets, tmp_path, ca
 
 def test_query_sample_is_stratified_and_seeded():
     labels = np.array([0] * 500 + [1] * 300 + [2] * 190 + [3] * 10)
-    s = M.sample_queries(labels, 100, seed=1)
+    s = P.sample_queries(labels, 100, seed=1)
     assert len(s) == 100 and len(np.unique(s)) == 100 and np.all(np.diff(s) > 0)
     assert np.bincount(labels[s]).tolist() == [50, 30, 19, 1]
-    assert np.array_equal(s, M.sample_queries(labels, 100, seed=1))
-    assert not np.array_equal(s, M.sample_queries(labels, 100, seed=2))
-    assert np.array_equal(M.sample_queries(labels, 5000, seed=1), np.arange(1000))  # few enough: all, in order
+    assert np.array_equal(s, P.sample_queries(labels, 100, seed=1))
+    assert not np.array_equal(s, P.sample_queries(labels, 100, seed=2))
+    assert np.array_equal(P.sample_queries(labels, 5000, seed=1), np.arange(1000))  # few enough: all, in order
 
 
 def test_evaluate_sampled_through_ondisk_index_reports_the_sample(tmp_path):

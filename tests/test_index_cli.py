@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lgff_core.cli import main
-from lgff_core.embeddings import EmbeddingTable, read_embeddings, write_embeddings
+from lgff_core.data.embeddings import EmbeddingTable, read_embeddings, write_embeddings
 from lgff_core.index import read_neighbours
 
 D = 16

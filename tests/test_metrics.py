@@ -1,10 +1,10 @@
-"""Retrieval metrics against hand-computed values (lgff_core.metrics)."""
+"""Retrieval metrics against hand-computed values (lgff_core.evaluate.metrics)."""
 import math
 
 import numpy as np
 import pytest
 
-from lgff_core import metrics as M
+from lgff_core.evaluate import metrics as M
 from lgff_core.errors import DataError
 
 # 4 queries, 3 neighbours each (labels). Worked by hand in the comments.

@@ -8,7 +8,7 @@ from rich.console import Console
 from lgff_core.cli.demo import DEMO_DEFAULTS, DEMO_SOURCE, demo_config
 from lgff_core.cli.pipeline import print_metrics, print_result
 from lgff_core.config import CONFIG_DIR
-from lgff_core.pipeline import LocalRunResult, TaskRecord
+from lgff_core.kfp.pipeline import LocalRunResult, TaskRecord
 
 
 def test_demo_config_defaults_and_user_overrides():
@@ -59,7 +59,7 @@ def test_importer_tasks_are_told_apart_from_cache_hits():
     from kfp.pipeline_spec import pipeline_spec_pb2
 
     from lgff_core.config import load_config
-    from lgff_core.pipeline import _display_names, _is_importer, build
+    from lgff_core.kfp.pipeline import _display_names, _is_importer, build
 
     func = build("reindex", load_config("lgffem_cpu"))
     spec = func.pipeline_spec
@@ -81,7 +81,7 @@ def test_local_runs_resolve_a_oneof_of_artifacts():
     from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    from lgff_core.pipeline import _oneof_artifacts
+    from lgff_core.kfp.pipeline import _oneof_artifacts
 
     spec = pipeline_spec_pb2.DagOutputsSpec()
     for task in ("index-append", "index-merge"):

@@ -18,7 +18,7 @@ from lgff_core import storage
 from lgff_core.config import load_config
 from lgff_core.data.shards import read_manifest, write_manifest
 from lgff_core.data.testing import make_imagefolder_tree, make_tiny_dataset
-from lgff_core.pipeline import compile_pipeline, run_local
+from lgff_core.kfp.pipeline import compile_pipeline, run_local
 from s3_server import s3_env  # noqa: F401  (fixture)
 from test_pipeline_local import TINY
 
@@ -174,7 +174,7 @@ def test_reindex_append_adds_only_the_new_shard_to_the_base_index(tmp_path, s3_e
     import numpy as np
 
     from lgff_core import index as ix
-    from lgff_core.embeddings import read_embeddings
+    from lgff_core.data.embeddings import read_embeddings
     from search_support import make_checkpoint
 
     root = s3_env.new_prefix("root")

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from lgff_core.config import load_config
-from lgff_core.pipeline import PipelineError, compile_pipeline, schedule, submit
-from lgff_core.pipeline_config import stage_config_yaml, train_stage_config_yaml
+from lgff_core.kfp.pipeline import PipelineError, compile_pipeline, schedule, submit
+from lgff_core.kfp.config import stage_config_yaml, train_stage_config_yaml
 
 FAKE_KEY_ID = "AKIAFAKEKEYID1234567"
 FAKE_SECRET = "fake/secret+Value0123456789abcdefghijklmn"

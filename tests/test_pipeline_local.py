@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lgff_core.embed", reason="embed stage not landed yet")
-pytest.importorskip("lgff_core.report", reason="report stage not landed yet")
+pytest.importorskip("lgff_core.retrieval.embed", reason="embed stage not landed yet")
+pytest.importorskip("lgff_core.evaluate.report", reason="report stage not landed yet")
 
 from lgff_core.config import load_config  # noqa: E402
 from lgff_core.data.testing import make_imagefolder_tree  # noqa: E402
-from lgff_core.pipeline import PipelineError, run_local  # noqa: E402
+from lgff_core.kfp.pipeline import PipelineError, run_local  # noqa: E402
 
 # tiny: 3 classes x 6 images per split, 64 px, C=16 x 1 layer, 1 epoch; 9 shards of 6 images, planned into 2 blocks
 TINY = [

@@ -1,4 +1,4 @@
-"""The run-time fan-out (`lgff_core.plan.plan_blocks`, `lgff plan`) and the scan fingerprints (`lgff scan`)."""
+"""The run-time fan-out (`lgff_core.kfp.plan.plan_blocks`, `lgff plan`) and the scan fingerprints (`lgff scan`)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 from lgff_core.cli import main
 from lgff_core.data.shards import Manifest, ShardInfo, shard_name, write_manifest
 from lgff_core.errors import DataError
-from lgff_core.plan import fingerprint_source, plan_blocks, read_block
+from lgff_core.kfp.plan import fingerprint_source, plan_blocks, read_block
 
 
 def _manifest(uri, shard_groups):
@@ -91,7 +91,7 @@ def test_scan_checks_the_reindex_mode_and_fingerprints_the_base_index(tmp_path, 
 
     import numpy as np
 
-    from lgff_core.embeddings import EmbeddingTable, write_embeddings
+    from lgff_core.data.embeddings import EmbeddingTable, write_embeddings
 
     data = _manifest(tmp_path / "ds", [[4]] * 2)
     emb, idx = str(tmp_path / "emb"), str(tmp_path / "idx")

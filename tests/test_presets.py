@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lgff_core.config import CONFIG_DIR, load_config
-from lgff_core.pipeline import PipelineError, compile_pipeline, run_local
+from lgff_core.kfp.pipeline import PipelineError, compile_pipeline, run_local
 
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 STRATEGIES = {"strategy_a": [None], "strategy_b1": [None, 28.6], "strategy_b2": [None, 17.2],

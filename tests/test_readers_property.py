@@ -182,7 +182,7 @@ def test_hostile_sample_ids_never_become_paths(tmp_path_factory, capsys, ids):
     out = tmp / "emb"
     code, err = _run_confined(tmp, out, ["embed", "--baseline", "--data", data, "--out", str(out)] + EMBED, capsys)
     assert code == 0, err
-    from lgff_core.embeddings import read_embeddings
+    from lgff_core.data.embeddings import read_embeddings
 
     assert sorted(read_embeddings(str(out)).ids.tolist()) == sorted(ids)
 

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lgff_core import embed as embed_mod
+from lgff_core.retrieval import embed as embed_mod
 from lgff_core import storage
 from lgff_core.cli import main
 from lgff_core.config import load_config
 from lgff_core.data.images import encode_png
 from lgff_core.data.shards import Manifest, ShardWriter, read_manifest, write_manifest
-from lgff_core.embed import embed_dataset, load_embedder
-from lgff_core.embeddings import read_embeddings
+from lgff_core.retrieval.embed import embed_dataset, load_embedder
+from lgff_core.data.embeddings import read_embeddings
 from lgff_core.errors import DataError, LGFFError
 
 SIZE = 32

@@ -1,4 +1,4 @@
-"""`lgff report` (lgff_core.report): model vs baseline tables, self-contained HTML, figures, bad input."""
+"""`lgff report` (lgff_core.evaluate.report): model vs baseline tables, self-contained HTML, figures, bad input."""
 import base64
 import json
 import re
@@ -9,8 +9,8 @@ import pytest
 from lgff_core.cli import main
 from lgff_core.data.images import encode_png
 from lgff_core.data.shards import Manifest, ShardWriter, write_manifest
-from lgff_core.embeddings import EmbeddingTable, write_embeddings
-from lgff_core.report import projection_2d
+from lgff_core.data.embeddings import EmbeddingTable, write_embeddings
+from lgff_core.evaluate.report import projection_2d
 
 N, N_CLASSES = 24, 3
 

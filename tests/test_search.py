@@ -11,9 +11,9 @@ import pytest
 
 from lgff_core.cli import main
 from lgff_core.data.shards import read_table
-from lgff_core.embeddings import read_embeddings, write_embeddings
+from lgff_core.data.embeddings import read_embeddings, write_embeddings
 from lgff_core.index import load_index
-from lgff_core.search import LOCATIONS_FILE, index_locations
+from lgff_core.retrieval.search import LOCATIONS_FILE, index_locations
 
 from search_support import TINY_SET, build_index_for, make_checkpoint
 from test_train_support import make_dataset

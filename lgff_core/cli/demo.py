@@ -54,7 +54,7 @@ def demo_config(config: str | None, overrides: list[str], out: str):
 def run(args) -> int:
     from rich.console import Console
 
-    from ..pipeline import run_local
+    from ..kfp.pipeline import run_local
 
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)

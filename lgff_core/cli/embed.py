@@ -1,4 +1,4 @@
-"""`lgff embed`: embeddings Parquet of a dataset with a trained model or the GeM baseline (lgff_core.embed).
+"""`lgff embed`: embeddings Parquet of a dataset with a trained model or the GeM baseline (lgff_core.retrieval.embed).
 
   lgff embed --model CHECKPOINT_URI --data DATA --out EMB [--shard I/N]     one output shard per input shard
   lgff embed --baseline [gem-last] --data DATA --out EMB                    frozen backbone + GeM, no checkpoint
@@ -43,7 +43,7 @@ def _embed(args) -> int:
     from ..errors import LGFFError
 
     if args.action == "collect":
-        from ..embed import collect_embeddings
+        from ..retrieval.embed import collect_embeddings
 
         if not args.parts or not args.out:
             raise LGFFError("usage: lgff embed collect PART_URI... --out URI")
@@ -55,7 +55,7 @@ def _embed(args) -> int:
     if not args.data or not args.out:
         raise LGFFError("--data and --out are required")
     if args.action == "finalize":
-        from ..embed import finalize_embeddings
+        from ..retrieval.embed import finalize_embeddings
 
         m = finalize_embeddings(args.out, args.data)
         print(f"manifest: {m['num_rows']} embeddings in {len(m['shards'])} shards -> {args.out}")
@@ -68,7 +68,7 @@ def _embed(args) -> int:
     from tqdm import tqdm
 
     from ..data.shards import read_manifest, shard_subset
-    from ..embed import embed_dataset, load_embedder
+    from ..retrieval.embed import embed_dataset, load_embedder
 
     cfg = load_args_config(args)
     manifest = read_manifest(args.data)
@@ -97,9 +97,9 @@ def _embed(args) -> int:
 def _embed_block(args) -> int:
     from tqdm import tqdm
 
-    from ..embed import embed_block
+    from ..retrieval.embed import embed_block
     from ..errors import LGFFError
-    from ..plan import read_block
+    from ..kfp.plan import read_block
 
     if not args.block or not args.out:
         raise LGFFError("usage: lgff embed block --block BLOCK.json (--model URI | --baseline) --out URI")

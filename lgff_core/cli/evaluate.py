@@ -1,4 +1,4 @@
-"""`lgff evaluate retrieval|roxford`: retrieval metrics JSON (lgff_core.metrics).
+"""`lgff evaluate retrieval|roxford`: retrieval metrics JSON (lgff_core.evaluate.metrics).
 
   lgff evaluate retrieval --neighbors N.parquet --protocol test-vs-train --out metrics.json
   lgff evaluate retrieval --embeddings E --protocol leave-one-out --out metrics.json   (exact full ranking: mAP)
@@ -83,7 +83,7 @@ def _fmt(v):
 
 
 def _retrieval(args) -> int:
-    from ..metrics import evaluate_embeddings, evaluate_neighbours, write_metrics
+    from ..evaluate.protocol import evaluate_embeddings, evaluate_neighbours, write_metrics
 
     cfg = load_args_config(args)
     protocol = args.protocol or cfg.evaluate.protocol
@@ -124,7 +124,7 @@ def _retrieval(args) -> int:
 
 
 def _roxford(args) -> int:
-    from ..metrics import evaluate_roxford, write_metrics
+    from ..evaluate.protocol import evaluate_roxford, write_metrics
 
     result = evaluate_roxford(args.gnd, args.embeddings, args.queries, model=args.model)
     write_metrics(result, args.out)
@@ -136,8 +136,8 @@ def _roxford(args) -> int:
 
 def _detection(args) -> int:
     from ..config import ConfigError
-    from ..detection_eval import evaluate_detection
-    from ..report_detection import write_single_report
+    from ..evaluate.detection import evaluate_detection
+    from ..evaluate.detection_report import write_single_report
 
     cfg = load_args_config(args)
     if args.max_dets is not None and args.max_dets < 1:

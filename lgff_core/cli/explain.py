@@ -1,4 +1,4 @@
-"""`lgff explain`: Ablation CAM of a query and its top hits on every terminal neck node (lgff_core.explain).
+"""`lgff explain`: Ablation CAM of a query and its top hits on every terminal neck node (lgff_core.retrieval.explain).
 
   lgff explain --model CKPT --index IDX --query a.png --top 2 --out DIR
   lgff explain --model CKPT --index IDX --dataset DATA --ids s1 --top 2 --out DIR
@@ -31,8 +31,8 @@ def register(subparsers) -> None:
 
 def _explain(args) -> int:
     from ..errors import LGFFError
-    from ..explain import explain_index_queries, explain_to_dir
-    from ..search import Searcher
+    from ..retrieval.explain import explain_index_queries, explain_to_dir
+    from ..retrieval.search import Searcher
 
     if not args.model:
         raise LGFFError("explain needs --model CHECKPOINT_URI (the GeM baseline has no neck to explain)")

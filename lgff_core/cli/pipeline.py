@@ -97,7 +97,7 @@ def _config(args):
 
 
 def cmd_list(args) -> int:
-    from ..pipeline import pipeline_names
+    from ..kfp.pipeline import pipeline_names
 
     for name in pipeline_names():
         print(name)
@@ -105,7 +105,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from ..pipeline import compile_pipeline
+    from ..kfp.pipeline import compile_pipeline
 
     cfg = _config(args)
     path = compile_pipeline(args.name, cfg, args.out)
@@ -114,7 +114,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from ..pipeline import submit
+    from ..kfp.pipeline import submit
 
     cfg = _config(args)
     run_id = submit(args.name, cfg, args.host, experiment=args.experiment, arguments=_pipeline_args(args),
@@ -124,7 +124,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from ..pipeline import schedule
+    from ..kfp.pipeline import schedule
 
     cfg = _config(args)
     job_id = schedule(args.name, cfg, args.host, args.cron, experiment=args.experiment,
@@ -205,7 +205,7 @@ def print_metrics(metrics: dict[str, dict[str, Any]], console) -> None:
 def cmd_run(args) -> int:
     from rich.console import Console
 
-    from ..pipeline import run_local
+    from ..kfp.pipeline import run_local
 
     cfg = _config(args)
     console = Console(stderr=False)

@@ -1,4 +1,4 @@
-"""`lgff plan` / `lgff scan`: the run-time fan-out and the content fingerprints of the pipelines (lgff_core.plan).
+"""`lgff plan` / `lgff scan`: the run-time fan-out and the content fingerprints of the pipelines (lgff_core.kfp.plan).
 
   lgff plan --data DATA [--rows-per-task N] [--out BLOCKS.json]   work blocks of about N rows (JSON list)
   lgff scan URI... [--out FINGERPRINTS.json]                      content fingerprint of each imported source
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 
 def _plan(args) -> int:
     from .. import storage
-    from ..plan import plan_blocks
+    from ..kfp.plan import plan_blocks
 
     rows = args.rows_per_task if args.rows_per_task is not None else load_args_config(args).pipeline.rows_per_task
     blocks = plan_blocks(args.data, rows)
@@ -48,7 +48,7 @@ def _plan(args) -> int:
 
 def _scan(args) -> int:
     from .. import storage
-    from ..plan import fingerprint_source, reindex_base
+    from ..kfp.plan import fingerprint_source, reindex_base
 
     base = reindex_base(args.mode, args.base_index) if args.mode is not None else None
     facts = {uri: fingerprint_source(uri) for uri in args.uris}

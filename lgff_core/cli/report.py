@@ -1,4 +1,4 @@
-"""`lgff report`: one self-contained HTML + Markdown comparing evaluated runs, model vs baseline (lgff_core.report);
+"""`lgff report`: one self-contained HTML + Markdown comparing evaluated runs, model vs baseline (lgff_core.evaluate.report);
 detection metrics (`lgff evaluate detection`) get the necks side by side in Table 5.3's layout (report_detection).
 
   lgff report --metrics model/metrics.json baseline/metrics.json --out REPORT_DIR
@@ -25,10 +25,10 @@ def register(subparsers) -> None:
 
 
 def _report(args) -> int:
-    from ..report import load_metrics, write_report
+    from ..evaluate.report import load_metrics, write_report
 
     if any(load_metrics(uri).get("kind") == "detection" for uri in args.metrics):
-        from ..report_detection import write_detection_report
+        from ..evaluate.detection_report import write_detection_report
 
         title = args.title if args.title != "LGFF retrieval report" else "LGFFDM: LGFFN-D vs BiFPN (Table 5.3 layout)"
         out = write_detection_report(args.metrics, args.out, title=title)

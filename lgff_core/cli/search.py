@@ -38,7 +38,7 @@ def check_model_args(args) -> None:
 
 def read_queries(args, flag: str = "--images"):
     from ..errors import LGFFError
-    from ..search import read_query_files, read_query_ids
+    from ..retrieval.search import read_query_files, read_query_ids
 
     if bool(args.images) == bool(args.dataset or args.ids):
         raise LGFFError(f"give either {flag} FILE_OR_DIR... or --dataset URI --ids SAMPLE_ID...")
@@ -62,7 +62,7 @@ def register(subparsers) -> None:
 
 def _search(args) -> int:
     from ..errors import LGFFError
-    from ..search import Searcher, search_to_dir
+    from ..retrieval.search import Searcher, search_to_dir
 
     check_model_args(args)
     cfg = load_args_config(args)

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 
 def _serve(args) -> int:
-    from ..serve import serve
+    from ..retrieval.serve import serve
 
     check_model_args(args)
     serve(args.model, args.index, load_args_config(args), host=args.host, port=args.port, baseline=args.baseline,

@@ -68,7 +68,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import DataError
-    from ..pipeline import is_prep_source
+    from ..kfp.pipeline import is_prep_source
     from ..train import train_stage
     from ..train.trainer import StopTraining
 

@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..embeddings import EmbeddingTable, check_vectors
+from ..data.embeddings import EmbeddingTable, check_vectors
 from ..errors import DataError, IndexError_
 from . import mapped
+from .params import set_search_params
 from .store import IndexBundle, code_of
 
 logger = logging.getLogger(__name__)
@@ -148,19 +149,6 @@ def merge_shards(trained: faiss.Index, partials: Sequence[faiss.Index]) -> faiss
         # one add of the concatenation: graph indexes (HNSW) then match a one-shot build exactly
         merged.add(np.concatenate(blocks))
     return merged
-
-
-def set_search_params(index: faiss.Index, nprobe: Optional[int] = None, ef_search: Optional[int] = None,
-                      k_factor_rf: Optional[float] = None) -> None:
-    """Set search-time parameters where the index has them (silently skipped otherwise)."""
-    ps = faiss.ParameterSpace()
-    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor_rf", k_factor_rf)):
-        if value is None:
-            continue
-        try:
-            ps.set_index_parameter(index, name, value)
-        except RuntimeError:
-            logger.debug("index has no parameter %s", name)
 
 
 def _order_key(D: np.ndarray, metric: int) -> np.ndarray:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from . import mapped
-from ..embeddings import EmbeddingTable, _table_to_arrays, read_embeddings_manifest
+from ..data.embeddings import EmbeddingTable, _table_to_arrays, read_embeddings_manifest
 from ..errors import DataError, IndexError_
 from .core import _is_pure_ivf, faiss_metric, new_index
 from .store import IDMAP_ROW_GROUP, IVFDATA_FILE, IdMap, faiss_chatter_to_stderr, idmap_from_arrays

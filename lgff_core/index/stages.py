@@ -90,7 +90,7 @@ def build_from_embeddings(embeddings_uri: str, out_uri: str, factory: str = "Fla
     check_fits_in_ram(factory, n, src.dim, metric, max_in_ram)
     meta = _source_meta(src, factory, metric, nprobe)
     if not is_ondisk_factory(src.dim, factory, metric):
-        from ..embeddings import read_embeddings
+        from ..data.embeddings import read_embeddings
 
         emb = read_embeddings(embeddings_uri, split=split)
         index = build_index(emb.xb, factory, metric, train_sample, seed)
@@ -246,7 +246,7 @@ def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Op
     logger.info("%s: appending %d of %d rows to %s (%d skipped: already there)", embeddings_uri, n_new, n_rows,
                 index_uri, n_rows - n_new)
     if not ondisk:
-        from ..embeddings import read_embeddings
+        from ..data.embeddings import read_embeddings
 
         check_fits_in_ram(pmeta["factory"], int(pmeta["ntotal"]) + n_new, src.dim, metric, max_in_ram)
         emb = read_embeddings(embeddings_uri, split=split)

@@ -32,8 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..embeddings import EmbeddingTable
+from ..data.embeddings import EmbeddingTable
 from ..errors import IndexError_
+from .params import set_search_params
 
 logger = logging.getLogger(__name__)
 
@@ -400,8 +401,6 @@ def load_index(uri: str) -> IndexBundle:
         with storage.open_input_file(storage.join(uri, IDMAP_FILE)) as f:
             idmap = IdMap(pq.read_table(f))
     if meta.get("nprobe") is not None:
-        from .core import set_search_params
-
         set_search_params(index, nprobe=int(meta["nprobe"]))
     meta["uri"] = str(uri)
     bundle = IndexBundle(index, idmap, meta)

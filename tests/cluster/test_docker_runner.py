@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lgff_core.config import load_config
-from lgff_core.pipeline import run_local
+from lgff_core.kfp.pipeline import run_local
 
 from .conftest import CONTAINER_HARDENING, REPORT_LINES
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import storage
-from .errors import LGFFError
+from .. import storage
+from ..errors import LGFFError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class _BackboneOnce(nn.Module):
 
 def neck_nodes(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``[("layer1/P1_2", module), ...]``: the terminal nodes of every neck layer, in (layer, level) order."""
-    from .models.pyramid import OUTPUT_NODES
+    from ..models.pyramid import OUTPUT_NODES
 
     neck = getattr(model, "neck", None)
     layers = getattr(neck, "layers", None)
@@ -206,8 +206,8 @@ _CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1200px}h2
 def explain_to_dir(searcher, queries, top: int, out_uri: str, batch_size: int = 32,
                    ratio_channels: float = 1.0) -> dict:
     """Explain each query and its `top` hits; writes PNG grids, explain.json and explain.html (last)."""
-    from .data.images import decode_image
-    from .data.transforms import eval_transform
+    from ..data.images import decode_image
+    from ..data.transforms import eval_transform
 
     model = searcher.embedder.model
     neck_nodes(model)  # fail early on the baseline
@@ -257,7 +257,7 @@ def explain_to_dir(searcher, queries, top: int, out_uri: str, batch_size: int = 
 
 def pick_index_queries(dataset_uri: str, split: str, n: int) -> list[str]:
     """`n` sample_ids of `split`, evenly spaced over the split in sample_id order (deterministic)."""
-    from .data.shards import read_table
+    from ..data.shards import read_table
 
     t = read_table(dataset_uri, columns=["sample_id", "split"])
     ids = sorted(sid for sid, s in zip(t.column("sample_id").to_pylist(), t.column("split").to_pylist()) if s == split)

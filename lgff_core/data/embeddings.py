@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .errors import DataError
+from .. import storage
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 

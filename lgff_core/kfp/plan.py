@@ -25,8 +25,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from . import storage
-from .errors import DataError
+from .. import storage
+from ..errors import DataError
 
 __all__ = ["plan_blocks", "fingerprint_source", "read_block", "reindex_base", "REINDEX_MODES"]
 
@@ -41,7 +41,7 @@ def plan_blocks(data_uri: str, rows_per_task: int) -> list[dict[str, Any]]:
     """Work blocks of about `rows_per_task` rows over the dataset at `data_uri` (every row in exactly one block,
     in dataset order). Each block: ``{"block", "dataset", "rows", "units": [{"shard", "sha256", "row_groups":
     [first, stop], "rows"}]}``."""
-    from .data.shards import read_manifest
+    from ..data.shards import read_manifest
 
     if rows_per_task <= 0:
         raise DataError(f"rows_per_task must be > 0, got {rows_per_task}")
@@ -156,7 +156,7 @@ def reindex_base(mode: str, base_index_uri: str) -> dict[str, Any] | None:
     `base_index_uri` (``uri`` = its index prefix, a pipeline artifact's pointer followed to its bulk prefix;
     ``fingerprint`` = sha256 of its index.json). A bad mode or a missing base index is a `ConfigError` /
     `DataError` naming the run parameter."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if mode not in REINDEX_MODES:
         raise ConfigError(f"mode {mode!r}: expected one of {', '.join(REINDEX_MODES)}")

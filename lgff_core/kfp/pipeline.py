@@ -10,7 +10,7 @@ Caching: kfp 2.17's ``kfp.local`` has a file-backed task cache (``enable_caching
 input artifacts their URI + metadata). Every artifact our components write is materialised as a file or directory
 (a missing artifact path makes kfp.local treat the entry as a miss) and carries a content digest in its metadata.
 Because a cached task returns the *original* output URIs, an identical second run is all cache hits, and changing
-one stage's inputs (e.g. its config slice, see `lgff_core.pipeline_config`) reruns that task and only the tasks
+one stage's inputs (e.g. its config slice, see `lgff_core.kfp.config`) reruns that task and only the tasks
 downstream of it.
 
 Cluster path: `compile_pipeline` writes the pipeline YAML (GPU requests, node selector, tolerations and the S3
@@ -35,8 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .config import LGFFConfig
-from .errors import LGFFError
+from ..config import LGFFConfig
+from ..errors import LGFFError
 
 __all__ = [
     "PipelineError",
@@ -135,7 +135,7 @@ def is_prep_source(source: str) -> bool:
 def check_datasets(cfg: LGFFConfig, arguments: Optional[dict[str, Any]] = None) -> None:
     """Before a run: every dataset URI the run imports (strategy stages, pipeline source) must be a dataset (hold a
     `_manifest.json`); otherwise a `PipelineError` names the missing URI and where the config sets it."""
-    from . import storage
+    from .. import storage
 
     wanted = [(f"strategy[{i}].data ({s.name})", s.data) for i, s in enumerate(cfg.strategy) if s.data]
     source = (arguments or {}).get("source", cfg.pipeline.source)

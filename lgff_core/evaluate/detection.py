@@ -18,8 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import storage
-from .metrics_detection import coco_metrics, ground_truth_coco, predictions_to_results
+from .. import storage
+from .detection_metrics import coco_metrics, ground_truth_coco, predictions_to_results
 
 __all__ = ["evaluate_detection", "predict", "draw_overlay"]
 
@@ -70,11 +70,11 @@ def evaluate_detection(model_uri: str, data_uri: str, out_uri: str, cfg, split: 
                        max_dets: Optional[int] = None, device: str = "auto", label: Optional[str] = None,
                        progress: bool = False) -> dict:
     """Predict, score (bbox + segm) and write the outputs listed in the module docstring. Returns metrics.json."""
-    from .data.detection import DetectionDataset
-    from .errors import DataError
-    from .models.summary import count_parameters
-    from .train.checkpoint import load_model_from_checkpoint
-    from .train.trainer import resolve_device
+    from ..data.detection import DetectionDataset
+    from ..errors import DataError
+    from ..models.summary import count_parameters
+    from ..train.checkpoint import load_model_from_checkpoint
+    from ..train.trainer import resolve_device
 
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     model, meta = load_model_from_checkpoint(model_uri, device=dev)

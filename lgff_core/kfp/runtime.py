@@ -14,7 +14,7 @@ and stream the bulk files from their URIs (`bulk_of` for stages whose readers ta
 rewritten once a manifest names them: every task run writes under its own artifact's bulk prefix.
 
 A model checkpoint is needed whole by the task that uses it, so it lives inside its artifact (`model_checkpoint_uri`).
-Parameters that follow content (fingerprints, block lists) are computed by `lgff_core.plan`.
+Parameters that follow content (fingerprints, block lists) are computed by `lgff_core.kfp.plan`.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import os
 import tempfile
 from typing import Any, Optional, Sequence
 
-from . import storage
-from .errors import DataError
+from .. import storage
+from ..errors import DataError
 
 __all__ = [
     "PIPELINE_ROOT_ENV",
@@ -143,7 +143,7 @@ def bulk_of(artifact: Any, manifest_name: str) -> str:
 
 def run_cli(argv: Sequence[str]) -> None:
     """Run ``lgff <argv>`` in-process (the exact CLI code path) and fail the task on a non-zero exit code."""
-    from .cli import main
+    from ..cli import main
 
     argv = [str(a) for a in argv]
     log.info("running: lgff %s", " ".join(argv))

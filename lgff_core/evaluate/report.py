@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import storage
-from .errors import DataError
+from .. import storage
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _projection_figure(run: Run, max_points: int, seed: int) -> Optional[bytes]:
     uri = run.data.get("embeddings")
     if not uri:
         return None
-    from .embeddings import read_embeddings
+    from ..data.embeddings import read_embeddings
 
     try:
         emb = read_embeddings(uri)
@@ -172,7 +172,7 @@ def _fetch_images(dataset_uri: str, ids: set) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .data.shards import iter_record_batches
+    from ..data.shards import iter_record_batches
 
     wanted = pa.array(sorted(ids), pa.string())
     found = {}
@@ -190,7 +190,7 @@ def _query_grid(run: Run, n_queries: int, top: int = 5) -> Optional[bytes]:
     nb_uri, ds_uri = run.data.get("neighbors"), run.data.get("dataset")
     if not nb_uri or not ds_uri:
         return None
-    from .index import read_neighbours
+    from ..index import read_neighbours
 
     try:
         table, _ = read_neighbours(nb_uri)
@@ -220,7 +220,7 @@ def _grid_png(rows: list, images: dict, label_names: dict, title: str, top: int,
     """Thumbnail grid drawn with PIL (one image, cheap): black frame = query, green / red = (in)correct result."""
     from PIL import Image, ImageDraw, ImageOps
 
-    from .data.images import decode_image
+    from ..data.images import decode_image
 
     colors = {None: (0, 0, 0), True: (40, 160, 40), False: (210, 40, 40)}
     w = (top + 1) * (cell + 2 * border) + top * 4 + 8
@@ -260,7 +260,7 @@ def _delta(v, b) -> str:
     return f"{100 * (v - b):+.2f}"
 
 
-# what each reported number is (shown under the table; formulas in lgff_core/metrics.py)
+# what each reported number is (shown under the table; formulas in lgff_core/evaluate/metrics.py)
 METRIC_DEFINITIONS = [
     ("eta_p", "correct top-1 / queries (Kimia Path24 patch accuracy)"),
     ("eta_w", "mean over classes with queries of their top-1 accuracy"),

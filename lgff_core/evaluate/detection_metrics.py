@@ -38,7 +38,7 @@ def coco_from_dicts(images: list[dict], annotations: list[dict], categories: lis
 
 def ground_truth_coco(dataset) -> Any:
     """pycocotools COCO of a `DetectionDataset`'s ground truth (category ids = the dataset's labels)."""
-    from .data.converters.coco import row_annotation_to_coco
+    from ..data.converters.coco import row_annotation_to_coco
 
     images, annotations = [], []
     for rec in dataset.records:

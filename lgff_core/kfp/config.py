@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .config import LGFFConfig, StageConfig, config_to_dict
+from ..config import LGFFConfig, StageConfig, config_to_dict
 
 __all__ = ["STAGE_KEYS", "project_config", "stage_config_yaml", "train_stage_config_yaml"]
 

@@ -1,6 +1,6 @@
 """Search an index with new images: embed queries exactly as the embed stage does, look up the hits' images.
 
-``Searcher`` = an `Embedder` (`lgff_core.embed`: same checkpoint loading, transform, channels-last / bf16 settings
+``Searcher`` = an `Embedder` (`lgff_core.retrieval.embed`: same checkpoint loading, transform, channels-last / bf16 settings
 and L2 normalisation as `lgff embed`) + a loaded index (`lgff_core.index`). A query image goes through
 `decode_image` -> `eval_transform(data_config, image_size)` -> `embed_images`, the embed stage's own functions,
 so an image that is in the index finds itself first with cosine 1.0 (fp32).
@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from . import storage
-from .config import LGFFConfig
-from .errors import DataError, IndexError_, LGFFError, StorageError
+from .. import storage
+from ..config import LGFFConfig
+from ..errors import DataError, IndexError_, LGFFError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def index_sources(bundle) -> tuple[str, Optional[str]]:
     dataset = meta.get("source")
     embeddings = meta.get("embeddings")
     if not dataset and embeddings:
-        from .embeddings import read_embeddings_manifest
+        from ..data.embeddings import read_embeddings_manifest
 
         dataset = read_embeddings_manifest(embeddings).get("source")
     if not dataset:
@@ -102,7 +102,7 @@ def _dataset_digest(manifest) -> str:
 
 def dataset_locations(dataset_uri: str, manifest=None) -> pa.Table:
     """``sample_id, shard, row`` of every row of a dataset, streaming only its sample_id column."""
-    from .data.shards import iter_record_batches, read_manifest
+    from ..data.shards import iter_record_batches, read_manifest
 
     manifest = manifest or read_manifest(dataset_uri)
     parts = []
@@ -140,7 +140,7 @@ def index_locations(index_uri: str, bundle, write: bool = True) -> pa.Table:
     A stored table whose dataset digest differs from the dataset's manifest (the dataset was rebuilt) is rebuilt.
     Storing is best effort: a read-only index location only logs a warning.
     """
-    from .data.shards import read_manifest
+    from ..data.shards import read_manifest
 
     dataset_uri, _ = index_sources(bundle)
     manifest = read_manifest(dataset_uri)
@@ -169,7 +169,7 @@ class ImageLocator:
     """Reads images of a dataset by (shard, row), one row group at a time."""
 
     def __init__(self, dataset_uri: str, manifest=None):
-        from .data.shards import read_manifest
+        from ..data.shards import read_manifest
 
         self.dataset_uri = dataset_uri
         self.manifest = manifest or read_manifest(dataset_uri)
@@ -217,7 +217,7 @@ def _list_images(path: Path) -> list[Path]:
 
 def read_query_files(paths: Sequence[str]) -> list[QueryImage]:
     """Query images from files and directories (searched recursively for image suffixes), checked decodable."""
-    from .data.images import decode_image
+    from ..data.images import decode_image
 
     out = []
     for p in paths:
@@ -233,7 +233,7 @@ def read_query_files(paths: Sequence[str]) -> list[QueryImage]:
 
 def read_query_ids(dataset_uri: str, ids: Sequence[str]) -> list[QueryImage]:
     """Query images by sample_id from a dataset (any dataset, not only the indexed one)."""
-    from .data.shards import read_manifest, read_table
+    from ..data.shards import read_manifest, read_table
 
     manifest = read_manifest(dataset_uri)
     locs = dataset_locations(dataset_uri, manifest)
@@ -256,8 +256,8 @@ def read_query_ids(dataset_uri: str, ids: Sequence[str]) -> list[QueryImage]:
 
 def embed_query_images(embedder, images: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
     """(n, D) float32 L2-normalised descriptors of encoded images, computed as `lgff embed` computes them."""
-    from .data.images import decode_image
-    from .data.transforms import eval_transform
+    from ..data.images import decode_image
+    from ..data.transforms import eval_transform
     from .embed import embed_images
 
     transform = eval_transform(embedder.data_config, embedder.image_size)
@@ -277,7 +277,7 @@ class Searcher:
     def __init__(self, model_uri: Optional[str], index_uri: str, cfg: LGFFConfig, baseline: Optional[str] = None,
                  weights: Optional[str] = None):
         from .embed import load_embedder
-        from .index import load_index
+        from ..index import load_index
 
         self.cfg = cfg
         self.index_uri = str(index_uri)
@@ -288,7 +288,7 @@ class Searcher:
                               f"{self.embedder.dim}-d descriptors (wrong model for this index?)")
         self._check_fingerprint()
         # set once: searches may run concurrently (the service), and these do not change per query
-        from .index import set_search_params
+        from ..index import set_search_params
 
         set_search_params(self.bundle.index, cfg.index.nprobe, cfg.index.ef_search)
         self.label_names = list(self.bundle.meta.get("label_names") or [])
@@ -300,7 +300,7 @@ class Searcher:
         if not emb_uri:
             return
         try:
-            from .embeddings import read_embeddings_manifest
+            from ..data.embeddings import read_embeddings_manifest
 
             indexed = read_embeddings_manifest(emb_uri).get("model_fingerprint")
         except LGFFError:
@@ -317,7 +317,7 @@ class Searcher:
         return embed_query_images(self.embedder, images, self.cfg.embed.batch_size)
 
     def search_vectors(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from .index import prepare_vectors, search
+        from ..index import prepare_vectors, search
 
         index = self.bundle.index
         if k > index.ntotal:
@@ -379,7 +379,7 @@ def _thumb(data: bytes, size: int = 128) -> str:
 
     from PIL import Image, ImageOps
 
-    from .data.images import decode_image
+    from ..data.images import decode_image
 
     im = ImageOps.contain(decode_image(data), (size, size), method=Image.Resampling.NEAREST)
     buf = io.BytesIO()

@@ -12,8 +12,8 @@ import html
 import math
 from typing import Optional, Sequence
 
-from . import storage
-from .errors import DataError
+from .. import storage
+from ..errors import DataError
 
 __all__ = ["write_single_report", "write_detection_report", "THESIS_TABLE_5_3", "table_rows"]
 

@@ -1,6 +1,6 @@
 """Embed a shard dataset with a trained LGFF model (or the GeM baseline): one embeddings shard per input shard.
 
-Input: a dataset prefix (DESIGN.md section 4). Output: an embeddings set (`lgff_core.embeddings`): for input shard
+Input: a dataset prefix (DESIGN.md section 4). Output: an embeddings set (`lgff_core.data.embeddings`): for input shard
 ``part-NNNNN.parquet`` the output shard has the same name and the same rows in the same order, with the
 descriptor (B, D) float32 L2-normalised (D = 4C = 2048 for LGFFN-E with C = 512; the backbone's last-level channels
 for the baseline).
@@ -36,11 +36,11 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import storage
-from .config import LGFFConfig
-from .embeddings import (DONE_DIR, embeddings_to_table, write_embeddings_manifest,
+from .. import storage
+from ..config import LGFFConfig
+from ..data.embeddings import (DONE_DIR, embeddings_to_table, write_embeddings_manifest,
                          write_embeddings_shard)
-from .errors import DataError, LGFFError
+from ..errors import DataError, LGFFError
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[
     device = device or _device(cfg)
     trained_size = None  # a checkpoint embeds at the size it was trained at unless embed.image_size says otherwise
     if baseline is not None:
-        from .models import build_baseline
+        from ..models import build_baseline
 
         if baseline not in BASELINES:
             raise LGFFError(f"--baseline {baseline!r}: known baselines are {', '.join(BASELINES)}")
@@ -137,7 +137,7 @@ def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[
     else:
         if not model_uri:
             raise LGFFError("embed needs --model CHECKPOINT_URI or --baseline gem-last")
-        from .train.checkpoint import load_model_from_checkpoint
+        from ..train.checkpoint import load_model_from_checkpoint
 
         model, meta = load_model_from_checkpoint(model_uri, device="cpu")
         name = meta.get("name") or str(model_uri).rstrip("/")
@@ -177,7 +177,7 @@ def _version_key(fingerprint: str, data_manifest) -> str:
 
 
 def _published(out_uri: str) -> Optional[dict]:
-    from .embeddings import read_embeddings_manifest
+    from ..data.embeddings import read_embeddings_manifest
 
     try:
         return read_embeddings_manifest(out_uri)
@@ -245,8 +245,8 @@ def _embed_units(embedder: Embedder, data_uri: str, manifest, units: Sequence[tu
     import pyarrow.parquet as pq
     from torch.utils.data import DataLoader
 
-    from .data.dataset import ShardedImageDataset
-    from .data.transforms import eval_transform
+    from ..data.dataset import ShardedImageDataset
+    from ..data.transforms import eval_transform
 
     offsets = manifest.shard_offsets()
     metas, starts, block_pos, n = [], [], [], 0
@@ -291,7 +291,7 @@ def _embed_shard(embedder: Embedder, data_uri: str, manifest, si: int, batch_siz
     meta, xb = _embed_units(embedder, data_uri, manifest, units, batch_size, num_workers, progress,
                             manifest.shard_uri(si), max_pixels)
     if meta is None:
-        from .data.shards import read_table
+        from ..data.shards import read_table
 
         meta = read_table(data_uri, columns=META_COLUMNS, shards=[si], manifest=manifest)
     return meta, xb
@@ -306,10 +306,10 @@ def _meta_to_table(meta, xb: np.ndarray):
 def embed_block(block: dict, out_uri: str, cfg: LGFFConfig, model_uri: Optional[str] = None,
                 baseline: Optional[str] = None, *, embedder: Optional[Embedder] = None,
                 progress: Optional[Callable[[int], None]] = None) -> dict:
-    """Embed one work block of `lgff_core.plan.plan_blocks` into `out_uri` (one shard + manifest; the manifest names
+    """Embed one work block of `lgff_core.kfp.plan.plan_blocks` into `out_uri` (one shard + manifest; the manifest names
     the block, its dataset and the model). The block's shards are checked against the dataset manifest by name and
     sha256, so a dataset republished since the plan fails loudly instead of mixing versions."""
-    from .data.shards import read_manifest
+    from ..data.shards import read_manifest
 
     data_uri = block["dataset"]
     manifest = read_manifest(data_uri)
@@ -352,7 +352,7 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
     Returns a summary: shards embedded / skipped, rows, seconds, images/s, and whether the manifest was published.
     `progress(n_images)` is called after each batch (the CLI passes a tqdm update).
     """
-    from .data.shards import read_manifest, shard_subset
+    from ..data.shards import read_manifest, shard_subset
 
     manifest = read_manifest(data_uri)
     if manifest.kind not in ("images", "coco"):
@@ -424,7 +424,7 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
 
     Returns the manifest, or None (``required=False``) / `DataError` (``required=True``) when shards are missing.
     """
-    from .data.shards import read_manifest
+    from ..data.shards import read_manifest
 
     manifest = read_manifest(data_uri)
     out_uri = str(out_uri).rstrip("/")
@@ -462,8 +462,8 @@ def collect_embeddings(part_uris: Iterable[str], out_uri: str) -> dict:
     by `lgff embed --shard I/N` (its done markers; ordered as the dataset's shards). The parts must come from one
     dataset and one model and cover every row of the dataset exactly once.
     """
-    from .data.shards import read_manifest
-    from .embeddings import MANIFEST_NAME as EMB_MANIFEST, read_embeddings_manifest
+    from ..data.shards import read_manifest
+    from ..data.embeddings import MANIFEST_NAME as EMB_MANIFEST, read_embeddings_manifest
 
     part_uris = [str(p).rstrip("/") for p in part_uris]
     blocks, markers = [], {}

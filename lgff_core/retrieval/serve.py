@@ -24,8 +24,8 @@ import logging
 import sys
 from typing import Optional
 
-from .config import LGFFConfig
-from .errors import LGFFError
+from ..config import LGFFConfig
+from ..errors import LGFFError
 
 logger = logging.getLogger(__name__)
 

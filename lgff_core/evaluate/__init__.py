@@ -1,0 +1,2 @@
+"""Evaluation: retrieval and detection metrics (pure functions), the protocols that run them as stages, and the
+reports drawn from their outputs."""
