@@ -47,6 +47,9 @@ __all__ = [
     "apply_overrides",
     "parse_set_args",
     "resolve_config_path",
+    "validate",
+    "BOUNDS",
+    "Bound",
     "CONFIG_DIR",
 ]
 
@@ -433,8 +436,9 @@ def _build(cls: type, data: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict, origin: str = "<dict>") -> LGFFConfig:
-    """Build and validate a config from a plain mapping (`origin` names the source in errors)."""
+def config_from_dict(data: dict, origin: str = "<dict>", check: bool = True) -> LGFFConfig:
+    """Build and validate a config from a plain mapping (`origin` names the source in errors). ``check=False``:
+    types only, the values are checked (`validate`) once everything is merged."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -443,8 +447,7 @@ def config_from_dict(data: dict, origin: str = "<dict>") -> LGFFConfig:
         cfg = _build(LGFFConfig, data, "")
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
-    _check_choices(cfg, origin)
-    return cfg
+    return validate(cfg, origin) if check else cfg
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -466,41 +469,182 @@ _CHOICES = {
 }
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of a numeric setting (inclusive ends unless ``*_open``); None = no limit on that side.
+    A list setting is checked entry by entry; None (an optional setting left unset) is always allowed."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def accepts(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return (f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+AT_LEAST_1 = Bound(1)
+POSITIVE = Bound(0, low_open=True)
+NON_NEGATIVE = Bound(0)
+PROBABILITY = Bound(0, 1)
+
+# Every int / float setting has a range here (tests/test_config.py checks that none is missing): the one check of a
+# merged config (file, `base:` chain, --set, CLI flags that stand for a setting, strategy stage overrides).
+BOUNDS: dict[str, Bound] = {
+    "seed": NON_NEGATIVE,
+    "model.backbone.out_indices": NON_NEGATIVE,
+    "model.channels": AT_LEAST_1,
+    "model.num_layers": AT_LEAST_1,
+    "model.gem_p": POSITIVE,
+    "model.gem_eps": POSITIVE,
+    "model.dropout": Bound(0, 1, high_open=True),
+    "model.num_classes": Bound(2),  # detection: background + at least one class
+    "model.det_min_size": AT_LEAST_1,
+    "model.det_max_size": AT_LEAST_1,
+    "model.det_detections_per_img": AT_LEAST_1,
+    "model.baseline_gem_p": POSITIVE,
+    "loss.scale": POSITIVE,
+    "loss.margin_deg": Bound(0, 90, high_open=True),  # an additive angular margin of 90 degrees or more is no margin
+    "loss.num_subcenters": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.lr_min": NON_NEGATIVE,
+    "train.loss_lr": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_epochs": NON_NEGATIVE,
+    "train.grad_clip": NON_NEGATIVE,  # 0 or null = no clipping
+    "train.image_size": AT_LEAST_1,
+    "train.num_workers": NON_NEGATIVE,
+    "train.shuffle_buffer": AT_LEAST_1,
+    "train.augment.hflip": PROBABILITY,
+    "train.augment.vflip": PROBABILITY,
+    "train.augment.blur_prob": PROBABILITY,
+    "train.augment.blur_sigma": POSITIVE,
+    "train.augment.brightness": NON_NEGATIVE,
+    "train.augment.contrast": NON_NEGATIVE,
+    "train.augment.saturation": NON_NEGATIVE,
+    "train.augment.hue": Bound(0, 0.5),  # torchvision ColorJitter: hue shift in [-0.5, 0.5] turns
+    "data.shard_mb": POSITIVE,
+    "data.workers": AT_LEAST_1,
+    "data.tile_size": AT_LEAST_1,
+    "data.crop_size": AT_LEAST_1,
+    "data.max_pixels": AT_LEAST_1,
+    "storage.connect_timeout_s": POSITIVE,
+    "storage.request_timeout_s": POSITIVE,
+    "storage.deadline_s": POSITIVE,
+    "storage.retries": AT_LEAST_1,  # attempts per operation
+    "storage.lease_ttl_s": POSITIVE,
+    "storage.lease_wait_s": NON_NEGATIVE,
+    "embed.batch_size": AT_LEAST_1,
+    "embed.num_workers": NON_NEGATIVE,
+    "embed.image_size": AT_LEAST_1,
+    "index.nprobe": AT_LEAST_1,
+    "index.ef_search": AT_LEAST_1,
+    "index.train_sample": AT_LEAST_1,
+    "index.max_in_ram_vectors": AT_LEAST_1,
+    "index.block_rows": AT_LEAST_1,
+    "index.k": AT_LEAST_1,
+    "evaluate.ks": Bound(1, MAX_EVALUATE_K),
+    "evaluate.k": Bound(1, MAX_EVALUATE_K),
+    "evaluate.max_full_ranking": AT_LEAST_1,
+    "evaluate.k_at_scale": Bound(1, MAX_EVALUATE_K),
+    "evaluate.max_queries": AT_LEAST_1,
+    "evaluate.query_batch": AT_LEAST_1,
+    "evaluate.mv_k": AT_LEAST_1,
+    "evaluate.det_max_dets": AT_LEAST_1,
+    "evaluate.det_report_images": NON_NEGATIVE,
+    "evaluate.det_draw_score": PROBABILITY,
+    "explain.num_queries": AT_LEAST_1,
+    "explain.top": AT_LEAST_1,
+    "explain.batch_size": AT_LEAST_1,
+    "explain.ratio_channels": Bound(0, 1, low_open=True),
+    "serve.k": AT_LEAST_1,
+    "serve.max_instances": AT_LEAST_1,
+    "serve.max_image_bytes": AT_LEAST_1,
+    "serve.max_image_pixels": AT_LEAST_1,
+    "pipeline.gpu_count": NON_NEGATIVE,
+    "pipeline.retries": NON_NEGATIVE,
+    "pipeline.retry_backoff_s": NON_NEGATIVE,
+    "pipeline.rows_per_task": AT_LEAST_1,
+    "pipeline.max_parallel": NON_NEGATIVE,  # 0 = no limit
+}
+# settings that must not be empty (an empty list or string has no meaning there)
+NOT_EMPTY = ("strategy", "evaluate.ks", "model.backbone.out_indices", "train.augment.blur_sigma", "serve.model_name",
+             "model.backbone.name")
+# bool-or-"auto" settings
+AUTO_OR_BOOL = ("embed.channels_last", "embed.bf16")
+
+
 def _get_dotted(obj: Any, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def _check_choices(cfg: LGFFConfig, origin: str) -> None:
+def _cross_field_problems(cfg: "LGFFConfig") -> list[tuple[str, str]]:
+    """Settings that are valid alone but not together: (key, what is wrong)."""
+    out = []
+    tc, model = cfg.train, cfg.model
+    if tc.lr_min > tc.lr:
+        out.append(("train.lr_min", f"must be <= train.lr ({_num(tc.lr)}) (got {_num(tc.lr_min)})"))
+    if model.det_min_size > model.det_max_size:
+        out.append(("model.det_min_size", f"must be <= model.det_max_size ({model.det_max_size}) "
+                                          f"(got {model.det_min_size})"))
+    sigma = tc.augment.blur_sigma
+    if len(sigma) > 2 or (len(sigma) == 2 and sigma[0] > sigma[1]):
+        out.append(("train.augment.blur_sigma", f"must be [sigma] or [low, high] with low <= high (got {sigma})"))
+    return out
+
+
+def validate(cfg: "LGFFConfig", origin: str = "config", origins: Optional[dict[str, str]] = None) -> "LGFFConfig":
+    """Check every setting of a merged config against its choices and range (`BOUNDS`); the first problem is a
+    `ConfigError` like ``config key embed.batch_size: must be >= 1 (got 0)``, prefixed with where the value came
+    from: `origins` maps overridden dotted keys to their source (e.g. ``--set``), anything else is `origin`.
+    Returns `cfg`."""
+
+    def fail(key: str, problem: str) -> None:
+        source = origin
+        for over, where in (origins or {}).items():
+            if key == over or key.startswith((over + ".", over + "[")) or over.startswith(key + "."):
+                source = where
+        raise ConfigError(f"{source}: config key {key}: {problem}")
+
     for key, allowed in _CHOICES.items():
         value = _get_dotted(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{origin}: {key}={value!r} is not one of {', '.join(allowed)}")
-    positive = ("model.channels", "model.num_layers", "train.epochs", "train.batch_size", "loss.num_subcenters",
-                "model.det_detections_per_img", "evaluate.det_max_dets",
-                "explain.num_queries", "explain.top", "explain.batch_size", "explain.ratio_channels", "serve.k",
-                "serve.max_instances", "serve.max_image_bytes", "serve.max_image_pixels",
-                "index.nprobe", "index.max_in_ram_vectors", "index.block_rows", "evaluate.query_batch",
-                "evaluate.k_at_scale", "evaluate.max_full_ranking",
-                "data.max_pixels", "storage.connect_timeout_s", "storage.request_timeout_s", "storage.deadline_s",
-                "storage.retries", "storage.lease_ttl_s")
-    for key in positive:
-        if _get_dotted(cfg, key) <= 0:
-            raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")
-    if not cfg.strategy:
-        raise ConfigError(f"{origin}: strategy must list at least one stage")
-    for key in ("pipeline.rows_per_task",):
-        if _get_dotted(cfg, key) <= 0:
-            raise ConfigError(f"{origin}: {key} must be > 0, got {_get_dotted(cfg, key)}")
-    for key in ("pipeline.max_parallel", "pipeline.gpu_count"):
-        if _get_dotted(cfg, key) < 0:
-            raise ConfigError(f"{origin}: {key} must be >= 0, got {_get_dotted(cfg, key)}")
-    for key, top in (("evaluate.k", MAX_EVALUATE_K), ("evaluate.k_at_scale", MAX_EVALUATE_K),
-                     ("evaluate.max_queries", None), ("index.train_sample", None)):
+            fail(key, f"{value!r} is not one of {', '.join(allowed)}")
+    for key in AUTO_OR_BOOL:
         value = _get_dotted(cfg, key)
-        if value is not None and (value < 1 or (top is not None and value > top)):
-            raise ConfigError(f"{origin}: {key} must be None or 1..{top or 'any'}, got {value}")
+        if isinstance(value, str) and value != "auto":
+            fail(key, f"expected true, false or auto (got {value!r})")
+    for key in NOT_EMPTY:
+        value = _get_dotted(cfg, key)
+        if value is not None and len(value) == 0:
+            fail(key, "must not be empty")
+    for key, bound in BOUNDS.items():
+        value = _get_dotted(cfg, key)
+        entries = [(key, value)] if not isinstance(value, list) else [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        for where, v in entries:
+            if v is not None and not bound.accepts(v):
+                fail(where, f"must be {bound} (got {_num(v)})")
+    for key, problem in _cross_field_problems(cfg):
+        fail(key, problem)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------- files / overrides
@@ -535,8 +679,10 @@ def parse_set_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(cfg: LGFFConfig, overrides: dict[str, Any], origin: str = "--set") -> LGFFConfig:
-    """A new config with dotted-key overrides applied and validated (the input is not modified)."""
+def apply_overrides(cfg: LGFFConfig, overrides: dict[str, Any], origin: str = "--set",
+                    check: bool = True) -> LGFFConfig:
+    """A new config with dotted-key overrides applied and validated (the input is not modified; ``check=False``:
+    types only)."""
     if not overrides:
         return cfg
     data = config_to_dict(cfg)
@@ -552,7 +698,7 @@ def apply_overrides(cfg: LGFFConfig, overrides: dict[str, Any], origin: str = "-
             valid = ", ".join(sorted(node))
             raise ConfigError(f"{origin}: unknown key {key!r}; valid keys here: {valid}")
         node[parts[-1]] = copy.deepcopy(value)
-    return config_from_dict(data, origin=origin)
+    return config_from_dict(data, origin=origin, check=check)
 
 
 BASE_KEY = "base"
@@ -616,14 +762,23 @@ def load_config(path_or_name: str | Path | None = None, overrides: dict[str, Any
     (mappings merged key by key). A file without ``base:`` logs which built-in defaults it relies on.
     """
     if path_or_name is None:
-        cfg = LGFFConfig()
+        cfg, origin = LGFFConfig(), "defaults"
     else:
         path = resolve_config_path(path_or_name)
         data = _read_config_data(path)
         # shipped presets are complete by construction; a user file without `base:` is told what it inherits
         if not data.pop(_HAD_BASE, False) and path.resolve().parent != CONFIG_DIR.resolve():
             _log_defaults(path, data)
-        cfg = config_from_dict(data, origin=str(path))
+        cfg, origin = config_from_dict(data, origin=str(path), check=False), str(path)
     if isinstance(overrides, list):
         overrides = parse_set_args(overrides)
-    return apply_overrides(cfg, overrides or {})
+    overrides = overrides or {}
+    # one value check, after merging: a file's value that --set replaces is never judged on its own
+    cfg = validate(apply_overrides(cfg, overrides, check=False), origin, origins=dict.fromkeys(overrides, "--set"))
+    for i, stage in enumerate(cfg.strategy):
+        if stage.overrides:  # a stage's settings fail now, not when training reaches that stage
+            try:
+                cfg.stage(i)
+            except ConfigError as exc:
+                raise ConfigError(f"{origin}: {exc}") from None
+    return cfg

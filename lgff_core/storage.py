@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Callable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -541,9 +541,9 @@ class Lease:
         now = time.time()
         return json.dumps(dict(self.record, heartbeat=now, expires=now + self.ttl_s), sort_keys=True).encode()
 
-    def holder(self) -> dict | None:
-        """The current lease record, or None when there is none (or it is unreadable). An unreachable store is a
-        `StorageError`: nobody can take a lease they cannot read."""
+    def _read_record(self) -> tuple[dict | None, str | None]:
+        """(record, None) for a well-formed lease, (None, None) when there is none, (None, what is wrong) for a
+        corrupt one. An unreachable store is a `StorageError`: nobody can take a lease they cannot read."""
         fs, path = get_filesystem(self.uri)
 
         def _read() -> bytes | None:
@@ -554,17 +554,49 @@ class Lease:
                 return None
 
         raw = _with_retry(self.uri, "read", _read)
+        if raw is None:
+            return None, None
         try:
-            data = json.loads(raw) if raw is not None else None
+            data = json.loads(raw)
         except ValueError:
-            return None
-        return data if isinstance(data, dict) else None
+            return None, "not valid JSON"
+        problem = _lease_record_problem(data)
+        return (data, None) if problem is None else (None, problem)
+
+    def holder(self) -> dict | None:
+        """The current lease record, or None when there is none or it is corrupt (unreadable, or a field of the
+        wrong type): a record no writer of ours can have written holds nothing."""
+        return self._read_record()[0]
 
     def _stale(self, rec: dict) -> bool:
-        if float(rec.get("expires", 0)) < time.time():
+        if rec["expires"] < time.time():
             return True
         # a writer on this host that died without releasing (SIGKILL) does not hold its lease until expiry
-        return rec.get("host") == socket.gethostname() and not _pid_alive(int(rec.get("pid", -1)))
+        return rec["host"] == socket.gethostname() and not _pid_alive(rec["pid"])
+
+    def _create_local(self, path: str) -> bool:
+        """Create the lease file with its whole body in one step (False: it exists): the body goes to a private
+        file that is hard-linked into place, so no reader ever sees a half-written lease."""
+        # hidden name (listings skip dot files), unique to this taker
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{self.record['token']}")
+        with open(tmp, "wb") as f:
+            f.write(self._body())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create, then write
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._body())
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def _try_take(self) -> bool:
         if is_local(self.uri):
@@ -572,26 +604,24 @@ class Lease:
             if not os.path.isdir(os.path.dirname(path)):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 self._made_dir = os.path.dirname(path)  # removed on release if the writer left it empty
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                rec = self.holder()
-                if rec is None or self._stale(rec):
-                    # take over a stale lease: rename it away atomically so two takers cannot both win
-                    grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
-                    try:
-                        os.replace(path, grave) if rec is not None else os.unlink(path)
-                    except FileNotFoundError:
-                        return False
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(grave)
-                    log.warning("%s: taking over a stale lease of %s", self.prefix, _describe(rec))
-                    return self._try_take()
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._body())
-            return True
-        rec = self.holder()
+            if self._create_local(path):
+                return True
+            rec, problem = self._read_record()
+            if rec is None or self._stale(rec):
+                # take over a stale or corrupt lease: rename it away atomically so two takers cannot both win
+                grave = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.replace(path, grave)
+                except FileNotFoundError:
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(grave)
+                log.warning("%s: taking over %s", self.prefix, _stale_description(rec, problem))
+                return self._try_take()
+            return False
+        rec, problem = self._read_record()
+        if problem is not None:
+            log.warning("%s: taking over %s", self.prefix, _stale_description(rec, problem))
         if rec is not None and rec.get("token") != self.record["token"] and not self._stale(rec):
             return False
         write_bytes(self.uri, self._body())
@@ -639,6 +669,29 @@ class Lease:
         if self._made_dir is not None:
             with contextlib.suppress(OSError):
                 os.rmdir(self._made_dir)  # only succeeds when empty: a failed run leaves no trace
+
+
+# the fields every lease record has (`Lease._body`), and their JSON types
+_LEASE_FIELDS = {"owner": (str,), "host": (str,), "pid": (int,), "token": (str,), "heartbeat": (int, float),
+                 "expires": (int, float)}
+
+
+def _lease_record_problem(data: Any) -> str | None:
+    """What makes `data` not a lease record (None when it is one)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for name, types_ in _LEASE_FIELDS.items():
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, types_):
+            expected = "a number" if float in types_ else ("an integer" if int in types_ else "a string")
+            return f"{name} is {value!r}, expected {expected}" if name in data else f"no {name}"
+    return None
+
+
+def _stale_description(rec: dict | None, problem: str | None) -> str:
+    if problem is not None:
+        return f"a corrupt lease ({problem}), as a stale one"
+    return f"a stale lease of {_describe(rec)}"
 
 
 def _describe(rec: dict | None) -> str:

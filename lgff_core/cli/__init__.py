@@ -37,6 +37,19 @@ def load_args_config(args: argparse.Namespace):
     return cfg
 
 
+def apply_setting_flags(cfg, args: argparse.Namespace, flags: dict[str, str]):
+    """`cfg` with the command-line flags that stand for a setting applied (``{"max_queries":
+    "evaluate.max_queries"}``: ``--max-queries N`` sets it; an absent flag keeps the config's value, a given one,
+    0 included, is used) and checked against the setting's range like --set: a bad value names the flag and key."""
+    from ..config import apply_overrides, validate
+
+    given = {key: getattr(args, dest) for dest, key in flags.items() if getattr(args, dest, None) is not None}
+    if not given:
+        return cfg
+    origins = {key: "--" + dest.replace("_", "-") for dest, key in flags.items() if key in given}
+    return validate(apply_overrides(cfg, given, check=False), "config", origins)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lgff", description="LGFF histopathology retrieval pipeline")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_config_args, load_args_config
+from . import add_config_args, apply_setting_flags, load_args_config
 
 
 def _ks(text: str) -> list[int]:
@@ -21,9 +21,9 @@ def _ks(text: str) -> list[int]:
         ks = [int(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--ks {text!r}: expected comma-separated integers, e.g. 1,5,10") from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--ks {text!r}: need positive integers")
-    return ks
+    if not ks:
+        raise argparse.ArgumentTypeError(f"--ks {text!r}: expected comma-separated integers, e.g. 1,5,10")
+    return ks  # the range is checked with the setting it stands for (evaluate.ks)
 
 
 def register(subparsers) -> None:
@@ -85,9 +85,11 @@ def _fmt(v):
 def _retrieval(args) -> int:
     from ..evaluate.protocol import evaluate_embeddings, evaluate_neighbours, write_metrics
 
-    cfg = load_args_config(args)
+    cfg = apply_setting_flags(load_args_config(args), args, {
+        "k": "evaluate.k", "ks": "evaluate.ks", "max_queries": "evaluate.max_queries",
+        "query_batch": "evaluate.query_batch"})
     protocol = args.protocol or cfg.evaluate.protocol
-    ks = args.ks or cfg.evaluate.ks
+    ks = cfg.evaluate.ks
     from .. import storage
 
     if args.out.endswith(".json"):
@@ -101,11 +103,11 @@ def _retrieval(args) -> int:
         result = evaluate_embeddings(args.embeddings, protocol, index_uri=args.index,
                                      query_split=args.query_split or cfg.evaluate.query_split,
                                      database_split=args.database_split or cfg.evaluate.database_split,
-                                     k=args.k if args.k is not None else cfg.evaluate.k,
+                                     k=cfg.evaluate.k,
                                      exclude_same_group=args.exclude_same_group or cfg.evaluate.exclude_same_group,
                                      ks=ks, mv_k=cfg.evaluate.mv_k, model=args.model, neighbours_out=neighbours_out,
-                                     max_queries=args.max_queries or cfg.evaluate.max_queries, seed=cfg.seed,
-                                     query_batch=args.query_batch or cfg.evaluate.query_batch,
+                                     max_queries=cfg.evaluate.max_queries, seed=cfg.seed,
+                                     query_batch=cfg.evaluate.query_batch,
                                      max_full_ranking=cfg.evaluate.max_full_ranking,
                                      k_at_scale=cfg.evaluate.k_at_scale, max_in_ram=cfg.index.max_in_ram_vectors)
     written = write_metrics(result, metrics_uri)
@@ -135,13 +137,10 @@ def _roxford(args) -> int:
 
 
 def _detection(args) -> int:
-    from ..config import ConfigError
     from ..evaluate.detection import evaluate_detection
     from ..evaluate.detection_report import write_single_report
 
-    cfg = load_args_config(args)
-    if args.max_dets is not None and args.max_dets < 1:
-        raise ConfigError(f"--max-dets {args.max_dets}: must be >= 1")
+    cfg = apply_setting_flags(load_args_config(args), args, {"max_dets": "evaluate.det_max_dets"})
     result = evaluate_detection(args.model, args.data, args.out, cfg, split=args.split, max_dets=args.max_dets,
                                 label=args.label, progress=True)
     write_single_report(result, args.out)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_config_args, load_args_config
+from . import add_config_args, apply_setting_flags, load_args_config
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -203,14 +203,15 @@ def _remove(args) -> int:
 def _search(args) -> int:
     from ..index import search_to_parquet
 
-    cfg = load_args_config(args)
+    cfg = apply_setting_flags(load_args_config(args), args, {
+        "nprobe": "index.nprobe", "ef_search": "index.ef_search", "query_batch": "evaluate.query_batch"})
     k = cfg.index.k if args.k is None else (None if args.k == "all" else args.k)
     exclude_self = cfg.index.exclude_self if args.exclude_self is None else args.exclude_self
     exclude_group = cfg.index.exclude_same_group if args.exclude_same_group is None else args.exclude_same_group
     out = search_to_parquet(args.index, args.queries, args.out, k, query_split=args.query_split,
                             exclude_self=exclude_self, exclude_same_group=exclude_group,
-                            nprobe=args.nprobe if args.nprobe is not None else cfg.index.nprobe,
-                            ef_search=args.ef_search if args.ef_search is not None else cfg.index.ef_search,
-                            query_batch=args.query_batch or cfg.evaluate.query_batch)
+                            nprobe=cfg.index.nprobe,
+                            ef_search=cfg.index.ef_search,
+                            query_batch=cfg.evaluate.query_batch)
     print(f"{out['n_queries']} queries, k={out['k'] or 'all'} -> {args.out}")
     return 0

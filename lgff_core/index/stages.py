@@ -275,12 +275,20 @@ def read_id_list(uri: str) -> list[str]:
     if not storage.exists(uri):
         raise DataError(f"{uri}: no such ids file")
     if uri.endswith(".parquet"):
-        with storage.open_input_file(uri) as f:
-            table = pq.read_table(f)
+        try:
+            with storage.open_input_file(uri) as f:
+                table = pq.read_table(f)
+        except pa.ArrowException as exc:
+            raise DataError(f"{uri}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})") from None
         if "sample_id" not in table.column_names:
             raise DataError(f"{uri}: no sample_id column (has {table.column_names})")
         return [str(v) for v in table.column("sample_id").to_pylist()]
-    return [line.strip() for line in storage.read_text(uri).splitlines() if line.strip()]
+    try:
+        text = storage.read_text(uri)
+    except UnicodeDecodeError:
+        raise DataError(f"{uri}: not UTF-8 text with one sample_id per line (a Parquet file needs the .parquet "
+                        "suffix)") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def remove_from_index(index_uri: str, ids_uri: str, out_uri: str) -> dict:
