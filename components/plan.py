@@ -7,12 +7,14 @@ from ._image import LGFF_IMAGE
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
-def scan(data_uri: str, model_uri: str = "", mode: str = "rebuild", base_index_uri: str = "") -> NamedTuple(
+def scan(data_uri: str, model_uri: str = "", mode: str = "rebuild", base_index_uri: str = "",
+         index_metric: str = "") -> NamedTuple(
         "Outputs", [("data_fingerprint", str), ("model_fingerprint", str), ("base_index", str),
                     ("base_index_fingerprint", str)]):
     """Fingerprint the sources imported by URI; the pipelines run this task with caching off and pass the
     fingerprints as parameters to the tasks that read the sources, so their cache keys follow the bytes. Also
-    checks the reindex ``mode`` (a bad one, or append without a readable ``base_index_uri``, fails here first);
+    checks the reindex ``mode`` (a bad one, append without a readable ``base_index_uri``, or a base index whose
+    dimension differs from the model's embeddings or whose metric is not ``index_metric``, fails here first);
     for append, ``base_index`` is the index prefix to append to and ``base_index_fingerprint`` the sha256 of its
     index.json ("" for rebuild)."""
     import json
@@ -24,7 +26,8 @@ def scan(data_uri: str, model_uri: str = "", mode: str = "rebuild", base_index_u
 
     uris = [u for u in (data_uri, model_uri) if u]
     out = os.path.join(tempfile.mkdtemp(prefix="lgff-scan-"), "scan.json")
-    run_cli(["scan", *uris, "--mode", mode, "--base-index", base_index_uri, "--out", out])
+    run_cli(["scan", *uris, "--mode", mode, "--base-index", base_index_uri, "--model", model_uri,
+             "--metric", index_metric, "--out", out])
     with open(out) as f:
         facts = json.load(f)
     fp = {u: facts[u]["fingerprint"] for u in uris}

@@ -26,9 +26,13 @@ def scan_task(cfg: LGFFConfig, data_uri, model_uri="", display_name: str = "scan
               base_index_uri="") -> dsl.PipelineTask:
     """Fingerprint sources imported by URI (and check the reindex mode / fingerprint its base index); never cached,
     so a changed source is always seen."""
-    task = c.scan(data_uri=data_uri, model_uri=model_uri, mode=mode, base_index_uri=base_index_uri)
+    task = c.scan(data_uri=data_uri, model_uri=model_uri, mode=mode, base_index_uri=base_index_uri,
+                  index_metric=cfg.index.metric)
     task = configure_task(task, cfg, "plan", display_name)
     task.set_caching_options(enable_caching=False)
+    # what the scan refuses (a bad run parameter, a missing or unfitting source) does not heal on a retry; its
+    # object-store reads retry within lgff_core.storage's deadline
+    task.set_retry(num_retries=0)
     return task
 
 

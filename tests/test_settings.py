@@ -15,7 +15,7 @@ import pytest
 from lgff_core import storage
 from lgff_core.cli import main
 from lgff_core.config import BOUNDS, ConfigError, LGFFConfig, load_config
-from lgff_core.embeddings import EmbeddingTable, write_embeddings
+from lgff_core.data.embeddings import EmbeddingTable, write_embeddings
 
 
 def _one_line(err: str) -> str:

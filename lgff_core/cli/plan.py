@@ -3,7 +3,8 @@
   lgff plan --data DATA [--rows-per-task N] [--out BLOCKS.json]   work blocks of about N rows (JSON list)
   lgff scan URI... [--out FINGERPRINTS.json]                      content fingerprint of each imported source
             [--mode rebuild|append --base-index IDX]               reindex run parameters: checked; for append
-                                                                   IDX's fingerprint too (sha256 of its index.json)
+            [--model MODEL] [--metric ip|l2]                       IDX's fingerprint too (sha256 of its index.json),
+                                                                   and IDX must fit MODEL's embeddings and the metric
 
 A block is what one embed (and index add) task processes: `lgff embed block --block BLOCK.json ...`.
 """
@@ -30,6 +31,9 @@ def register(subparsers) -> None:
     s.add_argument("--out", help="write {uri: fingerprint facts} as JSON to this file / URI")
     s.add_argument("--mode", help="reindex mode to check: rebuild or append (append also scans --base-index)")
     s.add_argument("--base-index", default="", help="--mode append: the index to append to (a prefix with index.json)")
+    s.add_argument("--model", default="", help="--mode append: the model whose embeddings are appended (the base "
+                                               "index must hold vectors of its size)")
+    s.add_argument("--metric", default="", help="--mode append: the run's index.metric (the base index must use it)")
     s.set_defaults(func=_scan)
 
 
@@ -50,7 +54,8 @@ def _scan(args) -> int:
     from .. import storage
     from ..kfp.plan import fingerprint_source, reindex_base
 
-    base = reindex_base(args.mode, args.base_index) if args.mode is not None else None
+    base = (reindex_base(args.mode, args.base_index, model_uri=args.model, metric=args.metric)
+            if args.mode is not None else None)
     facts = {uri: fingerprint_source(uri) for uri in args.uris}
     if base is not None:
         facts[args.base_index] = base

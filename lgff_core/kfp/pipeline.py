@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+# the one-line error of an `lgff` command in a task's output (lgff_core.cli.main): the reason a task failed
+_TASK_ERROR = re.compile(r"^\s*(lgff [\w-]+: error: .+?)\s*$")
 
 
 class PipelineError(LGFFError):
@@ -190,6 +192,7 @@ class _LineTee(io.TextIOBase):
         self._on_event = on_event
         self._buf = ""
         self._lock = threading.Lock()
+        self.failures: list[str] = []  # `lgff CMD: error: ...` lines of the tasks, in order, each once
 
     def writable(self) -> bool:
         return True
@@ -202,6 +205,9 @@ class _LineTee(io.TextIOBase):
             *lines, self._buf = self._buf.split("\n")
         for line in lines:
             plain = _ANSI.sub("", line)
+            m = _TASK_ERROR.match(plain)
+            if m and m.group(1) not in self.failures:
+                self.failures.append(m.group(1))
             for pattern, event in ((_EXECUTING, "executing"), (_FINISHED, "finished")):
                 m = pattern.search(plain)
                 if m:
@@ -430,11 +436,12 @@ def run_local(
         try:
             with contextlib.redirect_stdout(tee), _record_tasks(records, root, event), _oneof_artifacts():
                 task = func(**(arguments or {}))
-        except Exception as exc:  # kfp raises RuntimeError naming the failed task
+        except Exception as exc:  # kfp raises RuntimeError naming the failed task, not why it failed
             failed = [r.display_name for r in records if r.status == "failed"]
-            raise PipelineError(f"pipeline {name} failed"
-                                f"{' in task ' + ', '.join(failed) if failed else ''}: {_ANSI.sub('', str(exc))}"
-                                f" (task logs: {log_path})") from None
+            # the failed commands' own error lines (the last few) say why; kfp's message when there is none
+            reason = "; ".join(tee.failures[-3:]) or _ANSI.sub("", str(exc))
+            raise PipelineError(f"pipeline {name} failed{' in task ' + ', '.join(failed) if failed else ''}: "
+                                f"{reason} (task logs: {log_path})") from None
         finally:
             stop_heartbeat.set()
             tee.flush()

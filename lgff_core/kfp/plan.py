@@ -14,7 +14,9 @@ same fingerprint -> cache hits downstream; a new shard -> a new fingerprint -> t
 
 `reindex_base` checks the reindex pipeline's ``mode`` / ``base_index_uri`` run parameters (in the same scan task, so
 a bad value fails the run before anything else starts) and fingerprints the base index of ``mode=append``: the
-sha256 of its ``index.json``, which lists every index file's sha256.
+sha256 of its ``index.json``, which lists every index file's sha256. The base must fit what the run appends to it:
+vectors of the model's embedding size (its checkpoint sidecar's ``embedding_dim``) and the run's ``index.metric``;
+otherwise the append would fail, or mix, only after the whole archive is embedded.
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ import pyarrow.fs as pafs
 from .. import storage
 from ..errors import DataError
 
-__all__ = ["plan_blocks", "fingerprint_source", "read_block", "reindex_base", "REINDEX_MODES"]
+__all__ = ["plan_blocks", "fingerprint_source", "read_block", "reindex_base", "model_embedding_facts",
+           "REINDEX_MODES"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
 INDEX_MANIFEST = "index.json"
+MODEL_SIDECAR = "model.json"  # lgff_core.train.checkpoint.SIDECAR_FILE (not imported: the scan needs no torch)
 REINDEX_MODES = ("rebuild", "append")
 
 
@@ -148,14 +152,59 @@ def _index_facts(uri: str, given: str) -> dict[str, Any]:
     if manifest.get("kind", "index") != "index":
         raise DataError(f"base_index_uri {given}: {manifest_uri} is a {manifest['kind']}, not an index")
     return {"uri": uri, "kind": "index", "fingerprint": hashlib.sha256(raw).hexdigest(),
-            "ntotal": manifest.get("ntotal"), "version": manifest.get("version")}
+            "ntotal": manifest.get("ntotal"), "version": manifest.get("version"), "d": manifest.get("d"),
+            "metric": manifest.get("metric")}
 
 
-def reindex_base(mode: str, base_index_uri: str) -> dict[str, Any] | None:
+def model_embedding_facts(model_uri: str) -> dict[str, Any]:
+    """``{"checkpoint", "kind", "embedding_dim"}`` of the model checkpoint at `model_uri` (a checkpoint prefix or a
+    training run's output, whose ``best/`` is used), read from its sidecar without loading the weights; empty when
+    it has no sidecar (nothing to check against)."""
+    from .runtime import model_checkpoint_uri
+
+    ckpt = model_checkpoint_uri(str(model_uri).rstrip("/"))
+    sidecar_uri = storage.join(ckpt, MODEL_SIDECAR)
+    if not storage.exists(sidecar_uri):
+        return {}
+    try:
+        sidecar = json.loads(storage.read_bytes(sidecar_uri))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"model_uri {model_uri}: {sidecar_uri} is not valid JSON ({exc})") from None
+    if not isinstance(sidecar, dict):
+        raise DataError(f"model_uri {model_uri}: {sidecar_uri} is not a checkpoint sidecar (not a JSON object)")
+    model_cfg = (sidecar.get("config") or {}).get("model") or {}
+    dim = sidecar.get("embedding_dim")
+    return {"checkpoint": ckpt, "kind": model_cfg.get("kind"),
+            "embedding_dim": dim if isinstance(dim, int) and not isinstance(dim, bool) else None}
+
+
+def _check_base_fits(base: dict[str, Any], given: str, model_uri: str, metric: str) -> None:
+    """The base index takes the rows this run appends: same vector size as the model's, the run's metric."""
+    where = f"base_index_uri {given}"
+    if metric and base.get("metric") and base["metric"] != metric:
+        raise DataError(f"{where}: the index compares vectors by {base['metric']}, this run's index.metric is "
+                        f"{metric}; append to an index built with {metric}, or set index.metric={base['metric']}")
+    if not model_uri:
+        return
+    model = model_embedding_facts(model_uri)
+    if model.get("kind") not in (None, "embedding"):
+        raise DataError(f"model_uri {model_uri}: a {model['kind']} model, not an embedding model")
+    dim = model.get("embedding_dim")
+    if dim is None:
+        log.info("model_uri %s: no embedding size in its sidecar; the base index's dimension is checked at append",
+                 model_uri)
+        return
+    if base.get("d") is not None and int(base["d"]) != dim:
+        raise DataError(f"{where}: the index holds {base['d']}-d vectors, the model {model_uri} makes {dim}-d "
+                        "embeddings; append to an index built with this model, or use mode=rebuild")
+
+
+def reindex_base(mode: str, base_index_uri: str, model_uri: str = "", metric: str = "") -> dict[str, Any] | None:
     """The base index of a reindex run: None for ``mode=rebuild``; for ``mode=append`` the facts of the index at
     `base_index_uri` (``uri`` = its index prefix, a pipeline artifact's pointer followed to its bulk prefix;
-    ``fingerprint`` = sha256 of its index.json). A bad mode or a missing base index is a `ConfigError` /
-    `DataError` naming the run parameter."""
+    ``fingerprint`` = sha256 of its index.json; ``d``, ``metric``). A bad mode, a missing base index, or one that does
+    not fit the rows to append (dimension of `model_uri`'s embeddings, the run's `metric`; unchecked when empty) is
+    a `ConfigError` / `DataError` naming the run parameter."""
     from ..config import ConfigError
 
     if mode not in REINDEX_MODES:
@@ -164,4 +213,6 @@ def reindex_base(mode: str, base_index_uri: str) -> dict[str, Any] | None:
         return None
     if not str(base_index_uri or "").strip():
         raise ConfigError("mode append needs base_index_uri: the index to append to (a prefix holding index.json)")
-    return _index_facts(base_index_uri, base_index_uri)
+    base = _index_facts(base_index_uri, base_index_uri)
+    _check_base_fits(base, base_index_uri, model_uri, metric)
+    return base

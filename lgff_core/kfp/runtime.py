@@ -18,12 +18,15 @@ Parameters that follow content (fingerprints, block lists) are computed by `lgff
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
+import sys
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import IO, Any, Optional, Sequence
 
 from .. import storage
 from ..errors import DataError
@@ -141,15 +144,42 @@ def bulk_of(artifact: Any, manifest_name: str) -> str:
         raise DataError(f"{input_path(artifact)}/{manifest_name}: not a pointer manifest (no bulk.prefix)") from None
 
 
+class _StderrTee(io.TextIOBase):
+    """stderr during `run_cli`: passes everything on and keeps the command's own error line (``lgff CMD: ...``)."""
+
+    def __init__(self, stream: IO[str], prefix: str):
+        self._stream, self._prefix, self._buf = stream, prefix, ""
+        self.reason = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        self._buf += text
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            if line.startswith(self._prefix):
+                self.reason = line.strip()
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 def run_cli(argv: Sequence[str]) -> None:
-    """Run ``lgff <argv>`` in-process (the exact CLI code path) and fail the task on a non-zero exit code."""
+    """Run ``lgff <argv>`` in-process (the exact CLI code path) and fail the task on a non-zero exit code, with the
+    command's error line first in the exception (what the run reports as the task's failure)."""
     from ..cli import main
 
     argv = [str(a) for a in argv]
     log.info("running: lgff %s", " ".join(argv))
-    code = main(argv)
+    tee = _StderrTee(sys.stderr, f"lgff {argv[0]}: " if argv else "lgff")
+    with contextlib.redirect_stderr(tee):
+        code = main(argv)
     if code != 0:
-        raise RuntimeError(f"`lgff {' '.join(argv)}` exited with code {code}")
+        reason = f"{tee.reason} " if tee.reason else ""
+        raise RuntimeError(f"{reason}(`lgff {' '.join(argv)}` exited with code {code})")
 
 
 def write_config(config_yaml: str) -> str:
