@@ -171,11 +171,15 @@ def test_scan_outputs_the_base_index_for_append_only(tmp_path, calls):
         Path(_arg(argv, "--out")).write_text(json.dumps(facts))
 
     calls.effects["scan"] = fake_scan
-    got = c.scan.python_func(data_uri="s3://b/d", model_uri="s3://b/m", mode="append", base_index_uri="s3://b/a/i")
+    got = c.scan.python_func(data_uri="s3://b/d", model_uri="s3://b/m", mode="append", base_index_uri="s3://b/a/i",
+                             index_metric="ip")
     assert tuple(got) == ("fp-s3://b/d", "fp-s3://b/m", "s3://b/bulk/i", "fp-index")
+    # the base must fit the model's embeddings and the run's metric: the scan checks both
+    assert (_arg(calls[-1], "--model"), _arg(calls[-1], "--metric")) == ("s3://b/m", "ip")
     got = c.scan.python_func(data_uri="s3://b/d")
     assert tuple(got) == ("fp-s3://b/d", "", "", "")
-    assert calls[-1][calls[-1].index("--mode"):calls[-1].index("--out")] == ["--mode", "rebuild", "--base-index", ""]
+    assert calls[-1][calls[-1].index("--mode"):calls[-1].index("--out")] == [
+        "--mode", "rebuild", "--base-index", "", "--model", "", "--metric", ""]
 
 
 def test_evaluate_logs_scalar_metrics(root, calls):

@@ -112,7 +112,8 @@ def test_scan_checks_the_reindex_mode_and_fingerprints_the_base_index(tmp_path, 
     assert scan("--mode", "append", "--base-index", idx) == (0, "")
     facts = json.loads(out.read_text())[idx]
     first = hashlib.sha256((tmp_path / "idx" / "index.json").read_bytes()).hexdigest()
-    assert facts == {"uri": idx, "kind": "index", "fingerprint": first, "ntotal": 20, "version": 1}
+    assert facts == {"uri": idx, "kind": "index", "fingerprint": first, "ntotal": 20, "version": 1, "d": 8,
+                     "metric": "ip"}
     # a pipeline artifact's pointer (index.json naming its bulk prefix) is followed to the index
     pointer = tmp_path / "artifact" / "index"
     pointer.mkdir(parents=True)
@@ -134,6 +135,104 @@ def test_scan_checks_the_reindex_mode_and_fingerprints_the_base_index(tmp_path, 
         assert code == 2 and len(err.splitlines()) == 1 and err.startswith("lgff scan: error:"), (argv, err)
         assert all(w in err for w in words), (argv, err)
         assert not out.exists()
+
+
+def _flat_index(tmp_path, d=8, metric="ip"):
+    import numpy as np
+
+    from lgff_core.data.embeddings import EmbeddingTable, write_embeddings
+
+    emb, idx = str(tmp_path / f"emb{d}"), str(tmp_path / f"idx{d}{metric}")
+    x = np.random.default_rng(0).normal(size=(12, d)).astype(np.float32)
+    write_embeddings(emb, EmbeddingTable(np.array([f"s{i}" for i in range(12)], dtype=object), np.zeros(12, np.int64),
+                                         np.array(["g"] * 12, dtype=object), np.array(["train"] * 12, dtype=object),
+                                         x, ["a"]))
+    assert main(["-q", "index", "build", "--embeddings", emb, "--factory", "Flat", "--metric", metric,
+                 "--out", idx]) == 0
+    return idx
+
+
+def _checkpoint(prefix, embedding_dim=8, kind="embedding"):
+    """A checkpoint as the scan sees it: weights + sidecar (the scan reads only the sidecar)."""
+    prefix.mkdir(parents=True)
+    (prefix / "model.safetensors").write_bytes(b"weights")
+    (prefix / "model.json").write_text(json.dumps({"embedding_dim": embedding_dim, "config": {
+        "model": {"kind": kind}, "index": {"metric": "ip"}}}))
+    return str(prefix)
+
+
+def test_scan_refuses_a_base_index_that_does_not_fit_the_model_or_metric(tmp_path, capsys):
+    """Before: a base of another dimension passed the scan and failed at append, after the whole archive was
+    embedded; a base of another metric was appended to silently with its own metric."""
+    from lgff_core.config import ConfigError
+    from lgff_core.kfp.plan import reindex_base
+
+    idx8 = _flat_index(tmp_path)
+    model8 = _checkpoint(tmp_path / "m8")
+    run = tmp_path / "run"  # a training run's output: its best/ checkpoint is the model
+    _checkpoint(run / "best", embedding_dim=16)
+    assert reindex_base("append", idx8, model_uri=model8, metric="ip")["d"] == 8
+    with pytest.raises(DataError, match=rf"base_index_uri {idx8}: the index holds 8-d vectors, the model {run} "
+                                        r"makes 16-d embeddings"):
+        reindex_base("append", idx8, model_uri=str(run), metric="ip")
+    with pytest.raises(DataError, match=r"compares vectors by ip, this run's index.metric is l2"):
+        reindex_base("append", idx8, model_uri=model8, metric="l2")
+    with pytest.raises(DataError, match="a detection model, not an embedding model"):
+        reindex_base("append", idx8, model_uri=_checkpoint(tmp_path / "det", kind="detection"), metric="ip")
+    (tmp_path / "nosidecar").mkdir()
+    (tmp_path / "nosidecar" / "weights.bin").write_bytes(b"w")  # nothing to check against: the append checks
+    assert reindex_base("append", idx8, model_uri=str(tmp_path / "nosidecar"), metric="ip")["d"] == 8
+    with pytest.raises(ConfigError, match="mode 'bogus'"):
+        reindex_base("bogus", idx8, model_uri=model8, metric="ip")
+    # the CLI the scan component runs: exit 2, one line naming the run parameter
+    data = _manifest(tmp_path / "ds", [[4]])
+    capsys.readouterr()
+    code = main(["-q", "scan", data, str(run), "--mode", "append", "--base-index", idx8, "--model", str(run),
+                 "--metric", "ip"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("lgff scan: error: base_index_uri"), err
+    assert "16-d" in err
+
+
+def test_scan_component_fails_with_the_reason_and_is_never_retried(tmp_path):
+    """The scan task's error names why (not only "exited with code 2"), and a retry cannot heal it: no retries."""
+    import components as c
+    from lgff_core.config import load_config
+    from lgff_core.kfp.pipeline import build
+
+    data = _manifest(tmp_path / "ds", [[4]])
+    idx8 = _flat_index(tmp_path)
+    model16 = _checkpoint(tmp_path / "m16", embedding_dim=16)
+    with pytest.raises(RuntimeError, match=r"^lgff scan: error: base_index_uri .*8-d vectors.*16-d embeddings"):
+        c.scan.python_func(data_uri=data, model_uri=model16, mode="append", base_index_uri=idx8, index_metric="ip")
+    with pytest.raises(RuntimeError, match=r"^lgff scan: error: .*index.metric is l2"):
+        c.scan.python_func(data_uri=data, model_uri=model16, mode="append", base_index_uri=idx8, index_metric="l2")
+    ok = c.scan.python_func(data_uri=data, model_uri=_checkpoint(tmp_path / "m8"), mode="append",
+                            base_index_uri=idx8, index_metric="ip")
+    assert ok.base_index == idx8 and ok.base_index_fingerprint
+    spec = build("reindex", load_config("lgffem_cpu", ["pipeline.retries=2"])).pipeline_spec
+    tasks = spec.root.dag.tasks
+    assert tasks["scan"].retry_policy.max_retry_count == 0
+    assert tasks["scan"].inputs.parameters["index_metric"].runtime_value.constant.string_value == "ip"
+    assert tasks["plan"].retry_policy.max_retry_count == 2  # tasks whose failures may heal keep their retries
+
+
+def test_reindex_input_error_fails_the_run_at_once_with_the_reason(tmp_path, capsys):
+    """Before: `mode=bogus` failed after 3 attempts of the scan (about 92 s with the presets' retries) and the
+    run's error line said only "Inner task failed: 'scan'"."""
+    import time
+
+    data = _manifest(tmp_path / "ds", [[4]])
+    model = _checkpoint(tmp_path / "m8")
+    t0 = time.monotonic()
+    code = main(["pipeline", "run", "reindex", "--config", "lgffem_cpu", "--root", str(tmp_path / "root"),
+                 "--arg", f"data_uri={data}", "--arg", f"model_uri={model}", "--arg", "mode=bogus"])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    line = [l for l in err.splitlines() if l.startswith("lgff pipeline: error:")]
+    assert code == 2 and len(line) == 1, err
+    assert "failed in task scan: lgff scan: error: mode 'bogus': expected one of rebuild, append" in line[0]
+    assert elapsed < 25, elapsed  # the presets retry tasks twice, 30 s then 60 s apart: the scan is not retried
 
 
 def test_removed_pipeline_keys_name_the_replacement():
