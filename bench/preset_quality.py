@@ -32,21 +32,22 @@ from lgff_core.models import build_baseline  # noqa: E402
 from lgff_core.train import train_stage  # noqa: E402
 from lgff_core.train.checkpoint import backbone_weights_id, load_model_from_checkpoint  # noqa: E402
 from lgff_core.train.feature_cache import build_feature_cache, cache_key, dataset_fingerprint  # noqa: E402
-from lgff_core.train.trainer import _flag, _iter_split_batches, resolve_device  # noqa: E402
+from lgff_core.device import frozen_backbone_precision, resolve_device  # noqa: E402
+from lgff_core.train.embedding import _iter_split_batches  # noqa: E402
 
 
 def split_cache(model, cfg, data: str, split: str, cache_dir: str):
     """The trainer's own feature cache of `split` (same key), built here for splits the trainer does not cache."""
     device = next(model.parameters()).device
-    bf16 = _flag(cfg.embed.bf16, device)
+    precision = frozen_backbone_precision(cfg, device)
     manifest = read_manifest(data)
     n = int(manifest.split_counts.get(split, 0))
     dc = dict(model.backbone.data_config)
     key, digest = cache_key(dataset_fingerprint(data), cfg.model.backbone.name, str(backbone_weights_id(model, cfg)),
-                            cfg.train.image_size, dc.get("crop_pct"), split, "bf16" if bf16 else "fp32")
+                            cfg.train.image_size, dc.get("crop_pct"), split, precision.name)
 
     def extract(images):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), precision.autocast():
             return [f.float().contiguous() for f in model.forward_features(images.to(device))]
 
     tf = eval_transform(dc, cfg.train.image_size)

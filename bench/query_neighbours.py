@@ -27,7 +27,8 @@ from lgff_core.data import read_table  # noqa: E402
 from lgff_core.models import build_baseline  # noqa: E402
 from lgff_core.train import train_stage  # noqa: E402
 from lgff_core.train.checkpoint import load_model_from_checkpoint  # noqa: E402
-from lgff_core.train.trainer import StopTraining, resolve_device  # noqa: E402
+from lgff_core.device import resolve_device  # noqa: E402
+from lgff_core.train.loop import StopTraining  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -32,7 +32,8 @@ from lgff_core.config import CONFIG_DIR, load_config  # noqa: E402
 from lgff_core.data.transforms import eval_transform  # noqa: E402
 from lgff_core.train import train_stage  # noqa: E402
 from lgff_core.train.checkpoint import load_model_from_checkpoint  # noqa: E402
-from lgff_core.train.trainer import _flag, _iter_split_batches, resolve_device  # noqa: E402
+from lgff_core.device import frozen_backbone_precision, resolve_device  # noqa: E402
+from lgff_core.train.embedding import _iter_split_batches  # noqa: E402
 
 DEFAULT_DATA = "/tmp/lgff-samples/histolytics-nuclei"
 
@@ -52,7 +53,8 @@ def default_config() -> str:
 @torch.no_grad()
 def embed_split(model, data_uri: str, split: str, image_size: int, cfg) -> tuple[np.ndarray, np.ndarray]:
     device = next(model.parameters()).device
-    bf16, cl = _flag(cfg.embed.bf16, device), _flag(cfg.embed.channels_last, device)
+    precision = frozen_backbone_precision(cfg, device)
+    bf16, cl = precision.bf16, precision.channels_last
     model.eval()
     if cl:
         model.backbone.to(memory_format=torch.channels_last)
@@ -105,7 +107,8 @@ def cmd_quality(args) -> None:
 
 def _backbone_images_per_s(model, cfg, device, n_batches: int = 4) -> float:
     bs, size = cfg.train.batch_size, cfg.train.image_size
-    bf16, cl = _flag(cfg.embed.bf16, device), _flag(cfg.embed.channels_last, device)
+    precision = frozen_backbone_precision(cfg, device)
+    bf16, cl = precision.bf16, precision.channels_last
     if cl:
         model.backbone.to(memory_format=torch.channels_last)
     x = torch.randn(bs, 3, size, size, device=device)

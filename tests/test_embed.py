@@ -14,7 +14,8 @@ from lgff_core.cli import main
 from lgff_core.config import config_to_dict, load_config
 from lgff_core.data.images import encode_png
 from lgff_core.data.shards import Manifest, ShardWriter, read_manifest, write_manifest
-from lgff_core.retrieval.embed import cpu_supports_bf16, embed_dataset, embed_images, load_embedder, resolve_speed_options
+from lgff_core.device import cpu_supports_bf16
+from lgff_core.retrieval.embed import embed_dataset, embed_images, load_embedder, resolve_speed_options
 from lgff_core.data.embeddings import read_embeddings
 from lgff_core.errors import DataError
 

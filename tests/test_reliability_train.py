@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import lgff_core.models as models_pkg
-import lgff_core.train.trainer as trainer
+import lgff_core.train.embedding as trainer
+import lgff_core.train.loop as loop
 from lgff_core.config import LGFFConfig, apply_overrides
 from lgff_core.train import checkpoint as ckpt
 from lgff_core.train import train_stage
@@ -67,15 +68,15 @@ def test_kill_before_metrics_are_written_keeps_the_epoch_row(tiny, data, tmp_pat
     import json
 
     clean = train_stage(tiny, data, str(tmp_path / "clean"))
-    original = trainer._write_metrics
+    original = loop.write_metrics
 
     def die(out_uri, rows):
         raise Killed
 
-    monkeypatch.setattr(trainer, "_write_metrics", die)
+    monkeypatch.setattr(loop, "write_metrics", die)
     with pytest.raises(Killed):
         train_stage(tiny, data, str(tmp_path / "run"))
-    monkeypatch.setattr(trainer, "_write_metrics", original)
+    monkeypatch.setattr(loop, "write_metrics", original)
     resumed = train_stage(tiny, data, str(tmp_path / "run"), resume=True)
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     ref = [json.loads(l) for l in open(tmp_path / "clean" / "metrics.jsonl")]

@@ -13,8 +13,9 @@ from lgff_core.config import LGFFConfig, apply_overrides
 from lgff_core.train import checkpoint as ckpt
 from lgff_core.train import feature_cache as fc
 from lgff_core.train import train_stage
-from lgff_core.train import trainer as trainer_mod
-from lgff_core.train.trainer import StopTraining, recall_at_1, validation_scores
+from lgff_core.train import embedding as trainer_mod
+from lgff_core.train.embedding import recall_at_1, validation_scores
+from lgff_core.train.loop import StopTraining
 from s3_server import s3_env  # noqa: F401  (session fixture)
 from test_train_support import make_dataset, tiny_build_model
 
@@ -86,6 +87,10 @@ def test_train_stage_learns_and_publishes(tiny, data, tmp_path):
     assert all(r["val_protocol"] == "val-vs-train" and 0 <= r["val_recall@1"] <= 1 for r in rows)
     best = max(rows, key=lambda r: (r["val_recall@1"], r["val_map@100"], -r["epoch"]))
     assert s["best_epoch"] == best["epoch"]
+    from lgff_core.device import frozen_backbone_precision
+
+    assert s["precision"] == {"features": frozen_backbone_precision(tiny, torch.device("cpu")).name,
+                              "train_step": "fp32"}
     last, bestm = ckpt.read_sidecar(f"{out}/last"), ckpt.read_sidecar(f"{out}/best")
     assert last["epoch"] == 4 and bestm["epoch"] == best["epoch"]
     assert last["class_names"] == ["class0", "class1", "class2"]
@@ -132,7 +137,7 @@ def test_resume_uses_staging_when_last_is_incomplete(tiny, data, tmp_path):
     cfg = apply_overrides(tiny, {"train.epochs": 2})
     train_stage(cfg, data, str(out))
     (out / "last" / "model.json").unlink()  # as if killed while copying staging -> last
-    from lgff_core.train.trainer import find_resume_point
+    from lgff_core.train.loop import find_resume_point
 
     assert find_resume_point(str(out)).endswith("_staging")
     s = train_stage(apply_overrides(tiny, {"train.epochs": 3}), data, str(out), resume=True)
@@ -156,7 +161,7 @@ def test_feature_cache_reused_and_resumable(tiny, data, tmp_path, monkeypatch):
     def spy(extract, *a, **k):
         return real(lambda x: calls.append(len(x)) or extract(x), *a, **k)
 
-    monkeypatch.setattr("lgff_core.train.trainer.build_feature_cache", spy)
+    monkeypatch.setattr("lgff_core.train.embedding.build_feature_cache", spy)
     train_stage(cfg, data, str(tmp_path / "r2"), feature_cache=str(cache))
     assert calls == []
     # interrupted build: drop the manifest and one chunk -> only that chunk's rows are recomputed

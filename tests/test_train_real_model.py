@@ -12,7 +12,8 @@ from lgff_core.data.transforms import eval_transform
 from lgff_core.errors import CheckpointError
 from lgff_core.train import checkpoint as ckpt
 from lgff_core.train import train_stage
-from lgff_core.train.trainer import StopTraining, _iter_split_batches, recall_at_1
+from lgff_core.train.embedding import _iter_split_batches, recall_at_1
+from lgff_core.train.loop import StopTraining
 from test_train_support import make_dataset
 
 SMALL = ["model.backbone.weights=none", "model.channels=16", "model.num_layers=1", "train.epochs=2",

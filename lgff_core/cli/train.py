@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import DataError
     from ..kfp.pipeline import is_prep_source
     from ..train import train_stage
-    from ..train.trainer import StopTraining
+    from ..train.loop import StopTraining
 
     if args.nproc < 1:
         raise DataError(f"--nproc {args.nproc}: must be >= 1")

@@ -74,7 +74,7 @@ def evaluate_detection(model_uri: str, data_uri: str, out_uri: str, cfg, split: 
     from ..errors import DataError
     from ..models.summary import count_parameters
     from ..train.checkpoint import load_model_from_checkpoint
-    from ..train.trainer import resolve_device
+    from ..device import resolve_device
 
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     model, meta = load_model_from_checkpoint(model_uri, device=dev)

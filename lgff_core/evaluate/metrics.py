@@ -56,6 +56,7 @@ __all__ = [
     "average_precision",
     "mean_average_precision",
     "average_precision_at_k",
+    "average_precision_at_k_rows",
     "bootstrap_ci",
     "per_query_table",
     "confidence_intervals",
@@ -160,6 +161,18 @@ def average_precision_at_k(relevant: np.ndarray, k: int, num_relevant: int) -> f
         return float("nan")
     hit_ranks = np.flatnonzero(rel) + 1
     return float((np.arange(1, len(hit_ranks) + 1) / hit_ranks).sum() / norm)
+
+
+def average_precision_at_k_rows(relevant: np.ndarray, k: int, num_relevant: np.ndarray) -> np.ndarray:
+    """`average_precision_at_k` of many rankings at once: `relevant` (nq, >= k) bool, `num_relevant` (nq,) = R per
+    query; (nq,) float64, nan where R == 0. The trainer's validation mAP@100 is its mean."""
+    rel = np.asarray(relevant, dtype=bool)[:, :k]
+    ranks = np.arange(1, rel.shape[1] + 1)
+    precision = np.cumsum(rel, axis=1) / ranks
+    norm = np.minimum(int(k), np.asarray(num_relevant, dtype=np.int64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (precision * rel).sum(axis=1) / norm
+    return np.where(norm > 0, out, np.nan)
 
 
 def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:

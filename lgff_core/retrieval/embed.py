@@ -21,7 +21,7 @@ manifest; ``lgff embed finalize --out URI --data URI`` re-checks and publishes e
 
 Speed (DESIGN.md section 5): batched, `torch.inference_mode`, channels-last memory format and bf16 autocast when
 ``embed.channels_last`` / ``embed.bf16`` are true, or "auto" and the device supports them (a CPU with AMX /
-AVX-512 BF16; on CUDA "auto" = channels-last only, since bf16 there missed the fp32 check, see `_resolve`). bf16 output is cast to float32 and re-normalised. Memory: one batch of images plus one
+AVX-512 BF16; on CUDA "auto" = channels-last only: `lgff_core.device` holds the policy). bf16 output is cast to float32 and re-normalised. Memory: one batch of images plus one
 input shard's embeddings (n_rows x D float32), independent of the dataset size.
 """
 from __future__ import annotations
@@ -39,14 +39,14 @@ import torch
 from .. import storage
 from ..config import LGFFConfig
 from ..data.embeddings import (DONE_DIR, embeddings_to_table, write_embeddings_manifest,
-                         write_embeddings_shard)
+                               write_embeddings_shard)
+from ..device import frozen_backbone_precision, resolve_device
 from ..errors import DataError, LGFFError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASELINES",
-    "cpu_supports_bf16",
     "resolve_speed_options",
     "Embedder",
     "load_embedder",
@@ -62,37 +62,10 @@ BASELINES = {"gem-last": "baseline-gem-last"}
 META_COLUMNS = ["sample_id", "label", "label_name", "group", "split"]
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matrix / dot-product instructions (AMX-BF16 or AVX-512 BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return "AMX" in cap or "BF16" in cap
-
-
-def _resolve(setting, device: torch.device, name: str) -> bool:
-    if isinstance(setting, bool):
-        return setting
-    if setting != "auto":
-        raise LGFFError(f"embed.{name}={setting!r}: expected true, false or auto")
-    if device.type == "cuda":
-        # channels-last is exact; bf16 autocast on CUDA missed the fp32 check (H200, torch 2.11, demo model and
-        # GeM baseline on histolytics-nuclei: per-image cosine min 0.9886, mean 0.9983-0.9995 < 0.999), so "auto"
-        # leaves it off there; `embed.bf16: true` opts in for speed.
-        return name == "channels_last"
-    return device.type == "cpu" and cpu_supports_bf16()
-
-
 def resolve_speed_options(cfg: LGFFConfig, device: torch.device) -> dict:
-    """``{"channels_last": bool, "bf16": bool}`` from the config ("auto" decided for `device`)."""
-    return {"channels_last": _resolve(cfg.embed.channels_last, device, "channels_last"),
-            "bf16": _resolve(cfg.embed.bf16, device, "bf16")}
+    """``{"channels_last": bool, "bf16": bool}`` of the frozen backbone (`lgff_core.device` decides "auto")."""
+    p = frozen_backbone_precision(cfg, device)
+    return {"channels_last": p.channels_last, "bf16": p.bf16}
 
 
 @dataclasses.dataclass
@@ -114,10 +87,7 @@ class Embedder:
 
 
 def _device(cfg: LGFFConfig) -> torch.device:
-    want = cfg.embed.device
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
+    return resolve_device(cfg.embed.device)
 
 
 def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[str] = None,

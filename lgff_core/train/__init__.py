@@ -4,6 +4,7 @@
 stage; `checkpoint.load_model_from_checkpoint(uri, device="cpu") -> (model, meta)` rebuilds a trained model.
 """
 from .checkpoint import load_model_from_checkpoint
-from .trainer import StopTraining, train_stage
+from .embedding import train_stage
+from .loop import StopTraining
 
 __all__ = ["train_stage", "load_model_from_checkpoint", "StopTraining"]

@@ -4,13 +4,14 @@ Data: a COCO-form dataset (`data.detection.DetectionDataset`): polygons / RLE ->
 without annotations stay in as negatives. Augmentation (train split only, `train.augment`): flips and random
 90-degree rotations on tv_tensors. Optimiser: AdamW over the stem + neck + RPN + RoI heads (the backbone is frozen)
 at `train.lr` / `train.weight_decay` with the per-step cosine schedule of `schedule.py` (thesis: lr 1e-3, wd 1e-5,
-12 epochs, batch 2 per process). Loss: the sum of torchvision's Mask R-CNN losses. CUDA: bf16 autocast.
+12 epochs, batch 2 per process). Loss: the sum of torchvision's Mask R-CNN losses. Precision: `lgff_core.device`
+("detection": bf16 autocast on CUDA, fp32 on CPU).
 
 Order: per epoch a permutation seeded by (seed, epoch); under torchrun (WORLD_SIZE > 1) rank r takes every
 world-th item of it, so `train.batch_size` is per process, the global batch is world x batch_size and every rank
 takes the same number of steps (DistributedDataParallel averages the gradients; gloo on CPU, nccl on CUDA).
 
-Outputs and conventions are the embedding trainer's (`trainer.py`): `_staging/` -> `last/` (every epoch),
+Outputs and conventions are the shared loop machinery's (`loop.py`): `_staging/` -> `last/` (every epoch),
 `best/` (lowest validation loss; no val split -> the last epoch), `metrics.jsonl`, resume from the newest complete
 checkpoint with optimizer, schedule and RNG state. Validation loss = the same losses on the val split with the
 neck / heads in eval-mode normalisation, no augmentation and a fixed sampling seed, so epochs compare.
@@ -19,21 +20,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import time
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from .. import storage
 from ..config import ConfigError, LGFFConfig, config_to_dict
+from ..device import Precision, precision_for, resolve_device
 from ..errors import CheckpointError, DataError
 from . import checkpoint as ckpt
+from . import loop
 from .schedule import WarmupCosineSchedule
 from .sync_norm import convert_to_global_batchnorm
-from .trainer import (BEST, LAST, METRICS, StopTraining, _bar, _init_distributed, _publish, _read_metrics, _restore_rng,
-                      _write_metrics, find_resume_point, resolve_device)
 
 __all__ = ["train_detection", "epoch_order"]
 
@@ -52,26 +50,26 @@ def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
 
 
-def _loss(model: nn.Module, images: list[torch.Tensor], targets: list[dict], device: torch.device):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+def _loss(model: nn.Module, images: list[torch.Tensor], targets: list[dict], precision: Precision):
+    with precision.autocast():
         losses = model(images, targets)
     return sum(v.float() for v in losses.values()), {k: float(v.detach()) for k, v in losses.items()}
 
 
 @torch.no_grad()
-def _val_loss(model: nn.Module, dataset, device: torch.device, batch_size: int, seed: int) -> Optional[float]:
+def _val_loss(model: nn.Module, dataset, precision: Precision, batch_size: int, seed: int) -> Optional[float]:
     if dataset is None or len(dataset) == 0:
         return None
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.eval()
-    total, n = 0.0, 0
+    total, n, device = 0.0, 0, precision.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # RPN / RoI sampling: the same draws every epoch
         for b0 in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(b0, min(b0 + batch_size, len(dataset)))]
             images = [im.to(device) for im, _ in items]
-            loss, _ = _loss(model, images, _to_device([t for _, t in items], device), device)
+            loss, _ = _loss(model, images, _to_device([t for _, t in items], device), precision)
             total += float(loss) * len(items)
             n += len(items)
     for m in norms:
@@ -97,9 +95,7 @@ def train_detection(
     data_uri = str(data_uri).rstrip("/")
     out_uri = str(out_uri).rstrip("/")
     tc = cfg.train
-    if not tc.lr > 0 or tc.lr_min < 0 or tc.lr_min > tc.lr:
-        raise ConfigError(f"train.lr must be > 0 and 0 <= train.lr_min <= train.lr (got lr={tc.lr}, "
-                          f"lr_min={tc.lr_min})")
+    loop.check_lr(tc)
     aug = tc.augment
     train_tf = (detection_train_transform(aug.hflip, aug.vflip, aug.rotate90) if aug.enabled
                 else detection_eval_transform())
@@ -114,16 +110,13 @@ def train_detection(
                           f"classes including background ({', '.join(train_ds.label_names)}; "
                           f"model.det_class_agnostic={agnostic})")
 
-    resume_from = find_resume_point(out_uri) if resume else None
+    resume_from = loop.find_resume_point(out_uri) if resume else None
     if resume and resume_from is None:
         log.info("--resume: no complete checkpoint under %s; starting from epoch 0", out_uri)
     init_meta = ckpt.read_sidecar(init) if init and resume_from is None else None
 
-    device = resolve_device(tc.device)
-    dist = _init_distributed(device)
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)))
-        torch.cuda.set_device(device)
+    dist, device = loop.init_distributed(resolve_device(tc.device))
+    precision = precision_for("detection", device)
     if len(train_ds) < dist.world * 1:
         raise DataError(f"{data_uri}: {len(train_ds)} training image(s) for {dist.world} processes")
     torch.manual_seed(cfg.seed)
@@ -145,22 +138,16 @@ def train_detection(
     steps_per_epoch = max(1, math.ceil((len(train_ds) // dist.world) / tc.batch_size))
     schedule = WarmupCosineSchedule(optimizer, steps_per_epoch * tc.epochs, lr_min_ratio=tc.lr_min / tc.lr,
                                     warmup_steps=round(tc.warmup_epochs * steps_per_epoch))
-    start_epoch, best_loss, best_epoch, history = 0, math.inf, 0, []
+    start_epoch, state = 0, {"best_loss": math.inf, "best_epoch": 0, "history": []}
     if resume_from is not None:
-        meta = ckpt.read_sidecar(resume_from)
-        if meta.get("backbone", {}).get("weights_hash") != backbone_info["weights_hash"]:
+        if ckpt.read_sidecar(resume_from).get("backbone", {}).get("weights_hash") != backbone_info["weights_hash"]:
             raise CheckpointError(f"--resume {resume_from}: checkpoint was trained on other backbone weights")
-        model.load_trainable_state_dict(ckpt.load_tensors(resume_from, ckpt.MODEL_FILE, meta, device))
-        tensors = ckpt.load_tensors(resume_from, ckpt.OPTIMIZER_FILE, meta, device)
-        optimizer.load_state_dict(ckpt.unflatten_optimizer_state(tensors, meta["optimizer"]))
-        schedule.load_state_dict(meta["schedule"])
-        _restore_rng(tensors, device)
+        meta, state["history"] = loop.restore_training_state(resume_from, out_uri, model, None, optimizer, schedule,
+                                                             device)
         start_epoch = int(meta["epoch"])
         best = meta.get("best", {})
-        best_loss = best.get("val_loss") if best.get("val_loss") is not None else math.inf
-        best_epoch = int(best.get("epoch", 0))
-        history = [h for h in _read_metrics(out_uri) if h["epoch"] <= start_epoch]
-        log.info("resuming from %s after epoch %d", resume_from, start_epoch)
+        state["best_loss"] = best.get("val_loss") if best.get("val_loss") is not None else math.inf
+        state["best_epoch"] = int(best.get("epoch", 0))
 
     step_model: nn.Module = model
     if dist.world > 1:
@@ -168,20 +155,21 @@ def train_detection(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     config_dict = config_to_dict(cfg)
     summary: dict[str, Any] = {"out": out_uri, "n_train": len(train_ds), "n_val": len(val_ds),
-                               "labels": train_ds.label_names, "device": str(device), "world_size": dist.world,
-                               "start_epoch": start_epoch, "stopped_early": False}
+                               "labels": train_ds.label_names, "device": str(device), "precision": precision.name,
+                               "world_size": dist.world, "start_epoch": start_epoch, "stopped_early": False}
 
-    for epoch in range(start_epoch, tc.epochs):
+    def train_epoch(epoch: int) -> dict:
         model.train()  # the frozen backbone stays in eval mode (FrozenBackbone.train)
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        clock = loop.EpochClock()
         order = epoch_order(len(train_ds), cfg.seed, epoch, dist.rank, dist.world)
         loss_sum, seen, steps, parts_sum = 0.0, 0, 0, {}
-        bar = _bar(progress and dist.main, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step")
+        bar = loop.progress_bar(progress and dist.main, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                                unit="step")
         for b0 in range(0, len(order), tc.batch_size):
             images, targets = collate_detection([train_ds[i] for i in order[b0:b0 + tc.batch_size]])
             images = [im.to(device, non_blocking=True) for im in images]
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = _loss(step_model, images, _to_device(targets, device), device)
+            loss, parts = _loss(step_model, images, _to_device(targets, device), precision)
             if not torch.isfinite(loss):
                 raise DataError(f"training diverged at epoch {epoch + 1} step {steps + 1}: loss={loss.item()} "
                                 f"(lower train.lr)")
@@ -198,42 +186,32 @@ def train_detection(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
-        train_time = time.perf_counter() - t0
-        train_cpu = time.process_time() - cpu0
+        times = clock.row()
         loss_sum, seen = dist.sum_over_ranks(device, loss_sum, seen)
         seen = int(seen)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
-               "s_per_iter": train_time / max(1, steps), "train_time_s": train_time, "train_cpu_s": train_cpu,
-               "steps": steps, "images": seen,
-               **{f"train_{k}": v / max(1, seen) for k, v in parts_sum.items()}}  # rank 0's share for the parts
-        if dist.main:
-            vloss = _val_loss(model, val_ds, device, tc.batch_size, cfg.seed)
-            model.train()
-            row["val_loss"] = vloss
-            improved = (vloss is None) or vloss < best_loss
-            if improved:
-                best_loss, best_epoch = (vloss if vloss is not None else math.inf), epoch + 1
-            history = [h for h in history if h["epoch"] <= epoch] + [row]
-            meta = {"name": cfg.name, "kind": "detection", "config": config_dict, "backbone": backbone_info,
-                    "class_names": train_ds.label_names, "epoch": epoch + 1, "global_step": schedule.last_step,
-                    "metrics": row, "best": {"epoch": best_epoch,
-                                             "val_loss": None if math.isinf(best_loss) else best_loss},
-                    "data": {"uri": data_uri, "fingerprint": train_ds.manifest.source_fingerprint}, "init": init}
-            _publish(out_uri, model, None, optimizer, schedule, meta, improved, device)
-            _write_metrics(out_uri, history)
-            log.info("epoch %d/%d: loss %.4f, val loss %s, %.2f s/iter", epoch + 1, tc.epochs, row["train_loss"],
-                     "-" if vloss is None else f"{vloss:.4f}", row["s_per_iter"])
-        dist.barrier()
-        summary.update(last=row, epochs_done=epoch + 1)
-        if on_epoch_end is not None:
-            try:
-                on_epoch_end(row)
-            except StopTraining:
-                summary["stopped_early"] = True
-                break
+        return {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
+                "s_per_iter": times["train_time_s"] / max(1, steps), **times, "steps": steps, "images": seen,
+                **{f"train_{k}": v / max(1, seen) for k, v in parts_sum.items()}}  # rank 0's share for the parts
 
-    summary.update(best_epoch=best_epoch, last_checkpoint=storage.join(out_uri, LAST),
-                   best_checkpoint=storage.join(out_uri, BEST), metrics=storage.join(out_uri, METRICS))
-    if dist.owns_group:
-        torch.distributed.destroy_process_group()
+    def finish_epoch(epoch: int, row: dict) -> None:
+        vloss = _val_loss(model, val_ds, precision, tc.batch_size, cfg.seed)
+        model.train()
+        row["val_loss"] = vloss
+        improved = (vloss is None) or vloss < state["best_loss"]
+        if improved:
+            state["best_loss"], state["best_epoch"] = (vloss if vloss is not None else math.inf), epoch + 1
+        state["history"] = loop.fresh_history(state["history"], epoch, row)
+        best_loss = None if math.isinf(state["best_loss"]) else state["best_loss"]
+        meta = {"name": cfg.name, "kind": "detection", "config": config_dict, "backbone": backbone_info,
+                "class_names": train_ds.label_names, "epoch": epoch + 1, "global_step": schedule.last_step,
+                "metrics": row, "best": {"epoch": state["best_epoch"], "val_loss": best_loss},
+                "data": {"uri": data_uri, "fingerprint": train_ds.manifest.source_fingerprint}, "init": init}
+        loop.publish(out_uri, model, None, optimizer, schedule, meta, improved, device)
+        loop.write_metrics(out_uri, state["history"])
+        log.info("epoch %d/%d: loss %.4f, val loss %s, %.2f s/iter", epoch + 1, tc.epochs, row["train_loss"],
+                 "-" if vloss is None else f"{vloss:.4f}", row["s_per_iter"])
+
+    loop.run_epochs(start_epoch, tc.epochs, dist, train_epoch, finish_epoch, on_epoch_end, summary)
+    summary.update(best_epoch=state["best_epoch"], **loop.epoch_summary(out_uri))
+    dist.close()
     return summary
