@@ -207,7 +207,7 @@ def test_a_new_root_or_endpoint_changes_the_cache_key_of_every_task_that_writes_
     import yaml
 
     from lgff_core.config import load_config
-    from lgff_core.pipeline import compile_pipeline
+    from lgff_core.kfp.pipeline import compile_pipeline
 
     specs = {}
     for env, sets in {"a": [f"pipeline.pipeline_root={ROOT}"],
