@@ -1,5 +1,5 @@
 """Compiled pipeline YAML (cluster path): fan-out, GPU scheduling, Secret by name, no credential values; plus the
-per-stage config slices that make caching precise, and the submit / schedule argument handling."""
+per-stage config slices that make caching precise. Submit / schedule: test_pipeline_submit.py (real kfp.Client)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lgff_core.config import load_config
-from lgff_core.kfp.pipeline import PipelineError, compile_pipeline, schedule, submit
+from lgff_core.kfp.pipeline import PipelineError, compile_pipeline
 from lgff_core.kfp.config import stage_config_yaml, train_stage_config_yaml
 
 FAKE_KEY_ID = "AKIAFAKEKEYID1234567"
@@ -120,46 +120,15 @@ def test_stage_slices_isolate_config_changes():
     assert stage_config_yaml(base, "embed") == stage_config_yaml(epochs, "embed")
     # a slice is a loadable config
     sliced = yaml.safe_load(stage_config_yaml(changed, "index"))
-    assert sliced == {"seed": 0, "index": sliced["index"]} and sliced["index"]["factory"] == "IVF4,Flat"
+    assert sliced == {"seed": 0, "index": sliced["index"], "pipeline": {"pipeline_root": "runs/pipeline-root",
+                                                                         "s3_endpoint": None}}
+    assert sliced["index"]["factory"] == "IVF4,Flat"
 
 
 def test_compile_rejects_unknown_pipeline(tmp_path):
     with pytest.raises(PipelineError, match="unknown pipeline 'nope'.*reindex"):
         compile_pipeline("nope", load_config("lgffem_cpu"), tmp_path / "x.yaml")
     assert not list(tmp_path.iterdir())
-
-
-class _FakeClient:
-    def __init__(self):
-        self.calls = []
-
-    def create_run_from_pipeline_package(self, package, **kw):
-        self.calls.append(("run", next(yaml.safe_load_all(Path(package).read_text()))["pipelineInfo"]["name"], kw))
-        return type("Run", (), {"run_id": "run-123"})()
-
-    def create_experiment(self, name, namespace=None):
-        self.calls.append(("experiment", name, {}))
-        return type("Exp", (), {"experiment_id": "exp-1"})()
-
-    def create_recurring_run(self, **kw):
-        assert Path(kw["pipeline_package_path"]).is_file()
-        self.calls.append(("recurring", kw["job_name"], kw))
-        return type("Job", (), {"recurring_run_id": "job-7"})()
-
-
-def test_submit_and_schedule_call_kfp_client():
-    cfg = load_config("lgffem_cpu")
-    client = _FakeClient()
-    assert submit("reindex", cfg, "http://kfp", experiment="e", arguments={"model_uri": "s3://b/m",
-                  "data_uri": "s3://b/d"}, client=client) == "run-123"
-    kind, pipeline_name, kw = client.calls[0]
-    assert (kind, pipeline_name, kw["experiment_name"]) == ("run", "lgff-reindex", "e")
-    assert kw["arguments"] == {"model_uri": "s3://b/m", "data_uri": "s3://b/d"}
-    assert schedule("train_and_index", cfg, "http://kfp", "0 3 * * *", client=client) == "job-7"
-    _, job_name, kw = client.calls[-1]
-    assert kw["cron_expression"] == "0 0 3 * * *" and kw["experiment_id"] == "exp-1"
-    with pytest.raises(PipelineError, match="cron"):
-        schedule("train_and_index", cfg, "http://kfp", "every day", client=client)
 
 
 def test_cli_compile(tmp_path, capsys):
@@ -192,68 +161,3 @@ def test_dataset_uri_source_is_scanned_not_prepped(tmp_path):
     assert plan_inputs["data_fingerprint"]["taskOutputParameter"] == {"producerTask": "scan",
                                                                       "outputParameterKey": "data_fingerprint"}
     assert spec["root"]["inputDefinitions"]["parameters"]["source"]["defaultValue"] == "s3://bucket/datasets/kimia"
-
-
-class _RecordingKfpClient(_FakeClient):
-    """Stands in for ``kfp.Client``: records the constructor's keyword arguments (auth, namespace)."""
-
-    instances: list = []
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.init_kwargs = kwargs
-        _RecordingKfpClient.instances.append(self)
-
-
-@pytest.fixture
-def recording_kfp_client(monkeypatch):
-    import kfp
-
-    _RecordingKfpClient.instances = []
-    monkeypatch.setattr(kfp, "Client", _RecordingKfpClient)
-    for var in ("KF_PIPELINES_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH"):
-        monkeypatch.delenv(var, raising=False)
-    return _RecordingKfpClient.instances
-
-
-def test_cli_submit_to_multi_user_kubeflow_sends_token_namespace_and_service_account(
-        recording_kfp_client, monkeypatch, capsys):
-    from lgff_core.cli import main
-
-    monkeypatch.setenv("KF_PIPELINES_TOKEN", "tok-from-env")
-    assert main(["pipeline", "submit", "reindex", "--config", "lgffem_cpu", "--host", "https://kfp.example.org",
-                 "--namespace", "team-a", "--service-account", "lgff-pipeline-runner",
-                 "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
-    (client,) = recording_kfp_client
-    assert client.init_kwargs == {"host": "https://kfp.example.org", "namespace": "team-a",
-                                  "existing_token": "tok-from-env"}
-    kind, _, kw = client.calls[0]
-    assert kind == "run" and kw["namespace"] == "team-a" and kw["service_account"] == "lgff-pipeline-runner"
-    assert "tok-from-env" not in capsys.readouterr().out
-    # an explicit --token wins over the environment
-    assert main(["pipeline", "submit", "reindex", "--config", "lgffem_cpu", "--host", "h", "--token", "tok-cli",
-                 "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
-    assert recording_kfp_client[-1].init_kwargs == {"host": "h", "existing_token": "tok-cli"}
-
-
-def test_cli_schedule_uses_service_account_token_file_and_never_catches_up(recording_kfp_client, tmp_path):
-    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
-
-    from lgff_core.cli import main
-
-    token_file = tmp_path / "token"
-    token_file.write_text("projected-sa-token")
-    assert main(["pipeline", "schedule", "reindex", "--config", "lgffem_cpu", "--host", "h", "--cron", "0 3 * * *",
-                 "--namespace", "team-a", "--sa-token-file", str(token_file), "--service-account", "sa-1",
-                 "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
-    (client,) = recording_kfp_client
-    credentials = client.init_kwargs["credentials"]
-    assert isinstance(credentials, ServiceAccountTokenVolumeCredentials)
-    assert credentials._get_token() == "projected-sa-token"
-    kind, _, kw = client.calls[-1]
-    assert kind == "recurring" and kw["no_catchup"] is True and kw["service_account"] == "sa-1"
-    assert main(["pipeline", "schedule", "reindex", "--config", "lgffem_cpu", "--host", "h", "--cron", "0 3 * * *",
-                 "--catchup", "--arg", "model_uri=s3://b/m", "--arg", "data_uri=s3://b/d"]) == 0
-    assert recording_kfp_client[-1].calls[-1][2]["no_catchup"] is False
-    assert main(["pipeline", "schedule", "reindex", "--config", "lgffem_cpu", "--host", "h", "--cron", "0 3 * * *",
-                 "--sa-token-file", str(tmp_path / "missing")]) == 2

@@ -2,8 +2,13 @@
 
     lgff pipeline run train_and_index --config lgffem_cpu [--set k=v] [--root runs/pipeline-root] [--arg source=...]
     lgff pipeline compile reindex --config lgffem_cpu --out build/reindex.yaml
-    lgff pipeline submit train_and_index --config lgffem_gpu --host https://kfp.example.org [--experiment lgff]
-    lgff pipeline schedule train_and_index --config lgffem_gpu --host URL --cron "0 0 3 * * *"
+    lgff pipeline submit train_and_index --config lgffem_paper --set pipeline.pipeline_root=s3://b/root \
+        --host https://kfp.example.org [--experiment lgff]
+    lgff pipeline schedule reindex --config lgffem_paper --set pipeline.pipeline_root=s3://b/root --host URL \
+        --cron "0 0 3 * * *" --arg model_uri=... --arg data_uri=...
+
+submit / schedule compile with the same config as compile (so pass the same --set), send pipeline.pipeline_root as
+the run's pipeline root, keep each task's compiled caching, and refuse a KFP backend older than 2.17.
 
 A second identical `run` is served from kfp.local's cache; to rerun one stage by hand against an earlier run, run
 that stage's `lgff` command on the artifact URIs printed by `run` (and saved in <root>/logs/*.json).
@@ -72,11 +77,13 @@ def _remote(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sa-token-file", default=None,
                    help="projected service account token (default: $KF_PIPELINES_SA_TOKEN_PATH, else "
                         "/var/run/secrets/kubeflow/pipelines/token when it exists, as inside a Kubeflow pod)")
+    p.add_argument("--skip-backend-check", action="store_true",
+                   help="do not refuse a KFP API whose healthz reports no release >= 2.17 (development builds)")
 
 
 def _remote_kwargs(args) -> dict[str, Any]:
     return {"namespace": args.namespace, "service_account": args.service_account, "token": args.token,
-            "sa_token_path": args.sa_token_file}
+            "sa_token_path": args.sa_token_file, "check_version": not args.skip_backend_check}
 
 
 def _pipeline_args(args) -> dict[str, Any]:

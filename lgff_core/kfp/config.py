@@ -15,7 +15,7 @@ import yaml
 
 from ..config import LGFFConfig, StageConfig, config_to_dict
 
-__all__ = ["STAGE_KEYS", "project_config", "stage_config_yaml", "train_stage_config_yaml"]
+__all__ = ["STAGE_KEYS", "STORE_KEYS", "project_config", "stage_config_yaml", "train_stage_config_yaml"]
 
 # dotted keys each stage reads (a section name takes the whole section)
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -29,6 +29,13 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "explain": ("seed", "model", "embed", "index", "evaluate.query_split", "explain", "train.image_size",
                 "train.device"),
 }
+
+
+# Where the run's data lives. KFP's cache key holds a task's parameters, input artifacts, command and image, never
+# its environment (LGFF_PIPELINE_ROOT, AWS_ENDPOINT_URL): so every slice carries these keys, and a run against
+# another root or object store misses the cache instead of being handed pointers into the old store. The
+# credentials' Secret is left out on purpose: rotating it must not rerun the pipeline over the same data.
+STORE_KEYS: tuple[str, ...] = ("pipeline.pipeline_root", "pipeline.s3_endpoint")
 
 
 def project_config(cfg: LGFFConfig, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -51,10 +58,10 @@ def _dump(data: dict[str, Any]) -> str:
 
 
 def stage_config_yaml(cfg: LGFFConfig, stage: str) -> str:
-    """YAML text of the keys `stage` reads (see `STAGE_KEYS`)."""
+    """YAML text of the keys `stage` reads (see `STAGE_KEYS`) and of where the data lives (`STORE_KEYS`)."""
     if stage not in STAGE_KEYS:
         raise KeyError(f"unknown pipeline stage {stage!r}; stages: {', '.join(STAGE_KEYS)}")
-    return _dump(project_config(cfg, STAGE_KEYS[stage]))
+    return _dump(project_config(cfg, STAGE_KEYS[stage] + STORE_KEYS))
 
 
 def train_stage_config_yaml(cfg: LGFFConfig, index: int) -> str:
@@ -63,4 +70,4 @@ def train_stage_config_yaml(cfg: LGFFConfig, index: int) -> str:
     stage_cfg = copy.deepcopy(cfg.stage(index))  # stage() returns `cfg` itself when there are no overrides
     stage = cfg.strategy[index]
     stage_cfg.strategy = [StageConfig(name=stage.name, data=None, overrides={})]
-    return _dump(project_config(stage_cfg, STAGE_KEYS["train"]))
+    return _dump(project_config(stage_cfg, STAGE_KEYS["train"] + STORE_KEYS))

@@ -15,7 +15,9 @@ downstream of it.
 
 Cluster path: `compile_pipeline` writes the pipeline YAML (GPU requests, node selector, tolerations and the S3
 Secret reference live in its platform spec; kfp.local ignores that part); `submit` / `schedule` hand it to
-``kfp.Client`` (``create_run_from_pipeline_package`` / ``create_recurring_run``).
+``kfp.Client`` (``create_run_from_pipeline_package`` / ``create_recurring_run``) with the run's pipeline root in its
+runtime config (the backend ignores the spec's own root) and ``enable_caching=None`` (the compiled per-task caching
+stands), after checking that the API's release is at least `MIN_BACKEND`.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ __all__ = [
     "compile_pipeline",
     "submit",
     "schedule",
+    "check_backend",
+    "run_pipeline_root",
+    "MIN_BACKEND",
 ]
 
 log = logging.getLogger(__name__)
@@ -517,6 +522,15 @@ def client_auth(token: Optional[str] = None, sa_token_path: Optional[str] = None
     return {}
 
 
+# Oldest KFP backend whose driver runs these pipelines correctly: `dsl.OneOf` over artifacts (reindex's
+# append / rebuild index) picked the last branch until 2.17.0 (kubeflow/pipelines #13436, fixed by #13437);
+# `dsl.Collected` of artifacts needs 2.14 (#11725) and ParallelFor `parallelism` 2.4.
+MIN_BACKEND = (2, 17)
+_RELEASE = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
+# schemes of a pipeline root that pods on a cluster can reach (a local path is only for kfp.local)
+REMOTE_ROOT_SCHEMES = ("s3://", "gs://", "minio://")
+
+
 def _client(host: str, namespace: Optional[str] = None, token: Optional[str] = None,
             sa_token_path: Optional[str] = None):
     import kfp
@@ -524,7 +538,62 @@ def _client(host: str, namespace: Optional[str] = None, token: Optional[str] = N
     kwargs: dict[str, Any] = {"host": host, **client_auth(token, sa_token_path)}
     if namespace:
         kwargs["namespace"] = namespace
-    return kfp.Client(**kwargs)
+    try:
+        return kfp.Client(**kwargs)
+    except TimeoutError as exc:  # single-user: the constructor asks healthz whether the API is multi-user
+        raise PipelineError(f"KFP API at {host}: {exc}") from None
+
+
+def _healthz(client: Any, host: str) -> dict[str, Any]:
+    """The API's healthz answer as JSON. kfp-server-api's typed model keeps only ``multi_user`` /
+    ``pipeline_store``, while the server also sends ``commit_sha`` and ``tag_name`` (its release), so the raw body is
+    read through the client's own configured API (auth, TLS, proxy)."""
+    import kfp_server_api
+
+    try:
+        resp = client._healthz_api.healthz_service_get_healthz(_preload_content=False)
+        return json.loads(resp.data)
+    except (kfp_server_api.ApiException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise PipelineError(f"KFP API at {host}: GET /apis/v2beta1/healthz failed ({reason})") from None
+
+
+def check_backend(client: Any, host: str) -> str:
+    """The release the KFP API at `host` reports (``GET /apis/v2beta1/healthz`` ``tag_name``); raises
+    `PipelineError` (one line) for a release older than `MIN_BACKEND` or one that names no release."""
+    tag = str(_healthz(client, host).get("tag_name") or "").strip()
+    need = ".".join(map(str, MIN_BACKEND))
+    m = _RELEASE.match(tag)
+    if not m:
+        raise PipelineError(
+            f"KFP API at {host} reports release {tag!r}, not a version: LGFF needs KFP {need} or later; "
+            "for a development build known to be that new, pass --skip-backend-check")
+    if (int(m.group(1)), int(m.group(2))) < MIN_BACKEND:
+        raise PipelineError(
+            f"KFP backend at {host} is {tag}: LGFF needs {need} or later (its driver picks an artifact from "
+            f"dsl.OneOf correctly only from 2.17.0, kubeflow/pipelines #13436; Collected artifacts need 2.14)")
+    return tag
+
+
+def run_pipeline_root(cfg: LGFFConfig) -> str:
+    """The pipeline root a cluster run is submitted with (its runtime config; the backend never reads the compiled
+    spec's root): ``pipeline.pipeline_root``, the same root the tasks write bulk data under."""
+    root = cfg.pipeline.pipeline_root
+    if not root.startswith(REMOTE_ROOT_SCHEMES):
+        raise PipelineError(
+            f"pipeline.pipeline_root {root!r} is a local path: a cluster run needs an object-store root "
+            f"({' '.join(s + '...' for s in REMOTE_ROOT_SCHEMES)}), e.g. --set pipeline.pipeline_root=s3://BUCKET/PREFIX")
+    return root
+
+
+def _connect(cfg: LGFFConfig, host: str, namespace: Optional[str], token: Optional[str],
+             sa_token_path: Optional[str], client: Any, check: bool) -> tuple[Any, str]:
+    """(client, run pipeline root): everything that can be refused is refused before anything is created."""
+    root = run_pipeline_root(cfg)
+    client = client or _client(host, namespace, token, sa_token_path)
+    if check:
+        check_backend(client, host)
+    return client, root
 
 
 def submit(
@@ -539,18 +608,22 @@ def submit(
     token: Optional[str] = None,
     sa_token_path: Optional[str] = None,
     client: Any = None,
+    check_version: bool = True,
 ) -> str:
     """Compile and submit one run to the KFP endpoint at `host`; returns the run id.
 
     `namespace`: the Kubeflow profile namespace (multi-user); `service_account`: the Kubernetes service account the
     run's pods use (default: the profile's ``default-editor``); `token` / `sa_token_path`: see `client_auth`.
+    The run carries ``pipeline.pipeline_root`` in its runtime config; ``enable_caching=None`` leaves each task's
+    compiled caching as it is (kfp.Client would otherwise set it on every task, `scan` included). `check_version`:
+    refuse a backend older than `MIN_BACKEND`.
     """
-    client = client or _client(host, namespace, token, sa_token_path)
+    client, root = _connect(cfg, host, namespace, token, sa_token_path, client, check_version)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(name, cfg, Path(tmp) / f"{name}.yaml")
         run = client.create_run_from_pipeline_package(
             package, arguments=arguments or {}, run_name=run_name, experiment_name=experiment, namespace=namespace,
-            enable_caching=cfg.pipeline.enable_caching, service_account=service_account)
+            pipeline_root=root, enable_caching=None, service_account=service_account)
     return getattr(run, "run_id", str(run))
 
 
@@ -569,25 +642,26 @@ def schedule(
     token: Optional[str] = None,
     sa_token_path: Optional[str] = None,
     client: Any = None,
+    check_version: bool = True,
 ) -> str:
     """Create a recurring run (KFP cron: 6 fields, seconds first, e.g. ``0 0 3 * * *``); returns its id.
 
     ``catchup=False`` (default) sends ``no_catchup=True``: a schedule that was paused or missed runs starts once
-    when it resumes instead of backfilling every missed interval (each a full reindex).
+    when it resumes instead of backfilling every missed interval (each a full reindex). Pipeline root, caching and
+    the backend check as in `submit`.
     """
     fields = cron.split()
     if len(fields) not in (5, 6):
         raise PipelineError(f"--cron {cron!r}: expected a cron expression with 5 or 6 fields")
     if len(fields) == 5:  # standard 5-field cron -> KFP's 6-field form (seconds first)
         cron = "0 " + cron
-    client = client or _client(host, namespace, token, sa_token_path)
-    exp = client.create_experiment(name=experiment, namespace=namespace)
-    exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
+    client, root = _connect(cfg, host, namespace, token, sa_token_path, client, check_version)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(name, cfg, Path(tmp) / f"{name}.yaml")
+        exp = client.create_experiment(name=experiment, namespace=namespace)
+        exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
         job = client.create_recurring_run(
             experiment_id=exp_id, job_name=job_name or f"{name}-{cfg.name}", cron_expression=cron,
             max_concurrency=max_concurrency, pipeline_package_path=package, params=arguments or {},
-            enable_caching=cfg.pipeline.enable_caching, no_catchup=not catchup, service_account=service_account)
+            pipeline_root=root, enable_caching=None, no_catchup=not catchup, service_account=service_account)
     return getattr(job, "recurring_run_id", None) or getattr(job, "id", None) or str(job)
-
