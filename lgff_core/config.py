@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -270,13 +271,26 @@ class ExplainConfig:
 
 @dataclass
 class ServeConfig:
-    # search service (`lgff serve`, KServe v1 protocol): model name in /v1/models/<name>, request limits
+    # search service (`lgff serve`, KServe v1 protocol): model name in /v1/models/<name> (letters, digits, . _ -)
     model_name: str = "lgff"
     k: int = 10
     max_instances: int = 16
+    # request body, MB: a larger Content-Length is refused (413) before the body is read, a longer stream when it
+    # passes the limit
+    max_body_mb: int = 64
     # base64 text of one image, bytes
     max_image_bytes: int = 8_000_000
+    # from the image header, before any pixel is decoded: pixels, and long side / short side (the eval transform
+    # scales the short side to the model's size, so a thin image would grow to ratio x size^2 pixels)
     max_image_pixels: int = 25_000_000
+    max_aspect_ratio: float = 50.0
+    # micro-batching: the queries of concurrent requests share one forward pass and one faiss search of up to
+    # max_batch images; a batch waits at most max_wait_ms for more queries once the model is free
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    # seconds between checks of the index's index.json: a new version is loaded and swapped in while the loaded one
+    # keeps answering (0 = never; restart to pick up a new version)
+    index_poll_s: float = 10.0
 
 
 @dataclass
@@ -577,6 +591,11 @@ BOUNDS: dict[str, Bound] = {
     "serve.max_instances": AT_LEAST_1,
     "serve.max_image_bytes": AT_LEAST_1,
     "serve.max_image_pixels": AT_LEAST_1,
+    "serve.max_body_mb": AT_LEAST_1,
+    "serve.max_aspect_ratio": Bound(1),
+    "serve.max_batch": AT_LEAST_1,
+    "serve.max_wait_ms": NON_NEGATIVE,
+    "serve.index_poll_s": NON_NEGATIVE,  # 0 = never reload
     "pipeline.gpu_count": NON_NEGATIVE,
     "pipeline.retries": NON_NEGATIVE,
     "pipeline.retry_backoff_s": NON_NEGATIVE,
@@ -586,6 +605,9 @@ BOUNDS: dict[str, Bound] = {
 # settings that must not be empty (an empty list or string has no meaning there)
 NOT_EMPTY = ("strategy", "evaluate.ks", "model.backbone.out_indices", "train.augment.blur_sigma", "serve.model_name",
              "model.backbone.name")
+# string settings with a shape: (regular expression, what it means)
+PATTERNS = {"serve.model_name": (r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", "1-63 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit (it is a URL path segment)")}
 # bool-or-"auto" settings
 AUTO_OR_BOOL = ("embed.channels_last", "embed.bf16")
 
@@ -636,6 +658,10 @@ def validate(cfg: "LGFFConfig", origin: str = "config", origins: Optional[dict[s
         value = _get_dotted(cfg, key)
         if value is not None and len(value) == 0:
             fail(key, "must not be empty")
+    for key, (pattern, what) in PATTERNS.items():
+        value = _get_dotted(cfg, key)
+        if not re.fullmatch(pattern, str(value)):
+            fail(key, f"must be {what} (got {value!r})")
     for key, bound in BOUNDS.items():
         value = _get_dotted(cfg, key)
         entries = [(key, value)] if not isinstance(value, list) else [(f"{key}[{i}]", v) for i, v in enumerate(value)]

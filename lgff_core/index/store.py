@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from typing import Optional, Sequence
 
 import faiss
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..data.embeddings import EmbeddingTable
-from ..errors import IndexError_
+from ..errors import IndexError_, StorageError
 from .params import set_search_params
 
 logger = logging.getLogger(__name__)
@@ -67,12 +68,19 @@ class IdMap:
     """Database rows in faiss-id order, without holding the sample_id strings in RAM.
 
     Kept per row: ``labels`` (int64) and dictionary codes of ``group`` and ``split`` (int32, -1 = null).
-    ``take(column, positions)`` and ``find(sample_ids)`` read the Parquet row group by row group.
+    ``take(column, positions)`` and ``find(sample_ids)`` read the Parquet row group by row group, through file
+    handles opened once here: a writer that publishes the next version and deletes this one's files does not break
+    an id map that is already open (the deleted file stays readable through its handle), so a long-lived reader
+    (the search service) answers from the version it loaded until it loads the next one.
     """
 
     def __init__(self, source: pa.Table | str):
         self._table = source if isinstance(source, pa.Table) else None
         self._path = None if isinstance(source, pa.Table) else str(source)
+        self._lock = threading.Lock()  # one reader per Parquet handle at a time (concurrent searches)
+        if self._path is not None:
+            self._file = pq.ParquetFile(self._path)
+            self._coded = pq.ParquetFile(self._path, read_dictionary=["group", "split"])
         cols = self._columns(["label", "split"])
         self.num_rows = len(cols["label"])
         # 4 + 1..4 bytes per database row; group codes only when a search excludes same-group rows
@@ -83,7 +91,8 @@ class IdMap:
     def _columns(self, names: list[str]) -> dict:
         if self._table is not None:
             return {c: self._table.column(c) for c in names}
-        t = pq.read_table(self._path, columns=names, read_dictionary=[c for c in names if c != "label"])
+        with self._lock:
+            t = self._coded.read(columns=names)
         return {c: t.column(c) for c in names}
 
     @property
@@ -102,10 +111,10 @@ class IdMap:
         if self._table is not None:
             yield 0, self._table
             return
-        pf = pq.ParquetFile(self._path)
         start = 0
-        for g in range(pf.num_row_groups):
-            t = pf.read_row_group(g, columns=["sample_id", "group", "split"])
+        for g in range(self._file.num_row_groups):
+            with self._lock:
+                t = self._file.read_row_group(g, columns=["sample_id", "group", "split"])
             yield start, t
             start += t.num_rows
 
@@ -135,7 +144,10 @@ class IdMap:
         return out
 
     def table(self) -> pa.Table:
-        return self._table if self._table is not None else pq.read_table(self._path)
+        if self._table is not None:
+            return self._table
+        with self._lock:
+            return self._file.read()
 
     @property
     def path(self) -> Optional[str]:
@@ -386,9 +398,42 @@ def save_index(index: faiss.Index, idmap: pa.Table, out_uri: str, meta: dict,
         return stage.publish(meta, names)
 
 
+LOAD_ATTEMPTS = 3
+
+
 def load_index(uri: str) -> IndexBundle:
-    """The published version of an index; on-disk inverted lists are memory-mapped, not read."""
-    meta = read_manifest(uri)
+    """The published version of an index; on-disk inverted lists are memory-mapped, not read.
+
+    A writer may publish the next version, and delete this one's files, while they are being opened: the load then
+    starts over from the new manifest (up to `LOAD_ATTEMPTS` times), so a reader gets one whole version or an
+    `IndexError_`, never a raw FileNotFoundError. Once loaded, the bundle reads only through handles it holds.
+    """
+    for attempt in range(LOAD_ATTEMPTS):
+        meta = read_manifest(uri)
+        try:
+            return _load_version(uri, meta)
+        except (IndexError_, StorageError, OSError, RuntimeError) as exc:
+            if attempt + 1 < LOAD_ATTEMPTS and _republished(uri, meta):
+                logger.info("%s: version %s was replaced while it was being loaded; loading the new one", uri,
+                            meta.get("version"))
+                continue
+            if isinstance(exc, (IndexError_, StorageError)):
+                raise
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise IndexError_(f"{uri}: cannot read version {meta.get('version')} ({reason})") from None
+    raise AssertionError("unreachable")
+
+
+def _republished(uri: str, meta: dict) -> bool:
+    """True when the manifest at `uri` no longer describes the version `meta` describes."""
+    try:
+        now = read_manifest(uri)
+    except IndexError_:
+        return False
+    return (now.get("version"), now.get("files")) != (meta.get("version"), meta.get("files"))
+
+
+def _load_version(uri: str, meta: dict) -> IndexBundle:
     holder: list = []
     if "files" in meta:
         roles = [INDEX_FILE, IDMAP_FILE] + ([IVFDATA_FILE] if meta.get("ondisk") else [])

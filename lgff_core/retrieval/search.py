@@ -16,6 +16,7 @@ rebuilt. Reading a hit's image then opens one row group of one shard.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -46,6 +47,7 @@ __all__ = [
     "index_locations",
     "read_query_files",
     "read_query_ids",
+    "query_transform",
     "embed_query_images",
     "search_to_dir",
 ]
@@ -254,16 +256,25 @@ def read_query_ids(dataset_uri: str, ids: Sequence[str]) -> list[QueryImage]:
     return out
 
 
-def embed_query_images(embedder, images: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
-    """(n, D) float32 L2-normalised descriptors of encoded images, computed as `lgff embed` computes them."""
+def query_transform(embedder):
+    """Encoded image bytes -> the (3, S, S) model input `lgff embed` makes of them (decode, then eval transform).
+
+    Limits: the decoder's default pixel limit; a caller with tighter ones checks the header first (the service)."""
     from ..data.images import decode_image
     from ..data.transforms import eval_transform
-    from .embed import embed_images
 
     transform = eval_transform(embedder.data_config, embedder.image_size)
+    return lambda data: transform(decode_image(data))
+
+
+def embed_query_images(embedder, images: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
+    """(n, D) float32 L2-normalised descriptors of encoded images, computed as `lgff embed` computes them."""
+    from .embed import embed_images
+
+    to_input = query_transform(embedder)
     out = np.zeros((len(images), embedder.dim), np.float32)
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(decode_image(b)) for b in images[start:start + batch_size]])
+        batch = torch.stack([to_input(b) for b in images[start:start + batch_size]])
         out[start:start + len(batch)] = embed_images(embedder, batch)
     return out
 
@@ -281,19 +292,29 @@ class Searcher:
 
         self.cfg = cfg
         self.index_uri = str(index_uri)
-        self.bundle = load_index(index_uri)
+        bundle = load_index(index_uri)
         self.embedder = load_embedder(model_uri, cfg, baseline, weights=weights)
-        if self.embedder.dim != self.bundle.index.d:
-            raise IndexError_(f"{index_uri}: index dimension {self.bundle.index.d}, the model embeds "
+        self._attach(bundle)
+
+    def _attach(self, bundle) -> None:
+        if self.embedder.dim != bundle.index.d:
+            raise IndexError_(f"{self.index_uri}: index dimension {bundle.index.d}, the model embeds "
                               f"{self.embedder.dim}-d descriptors (wrong model for this index?)")
+        self.bundle = bundle
         self._check_fingerprint()
         # set once: searches may run concurrently (the service), and these do not change per query
         from ..index import set_search_params
 
-        set_search_params(self.bundle.index, cfg.index.nprobe, cfg.index.ef_search)
+        set_search_params(self.bundle.index, self.cfg.index.nprobe, self.cfg.index.ef_search)
         self.label_names = list(self.bundle.meta.get("label_names") or [])
         self._locations: Optional[pa.Table] = None
         self._locator: Optional[ImageLocator] = None
+
+    def with_index(self, bundle) -> "Searcher":
+        """The same model over another loaded version of the index (the service picks up a rebuilt index)."""
+        other = copy.copy(self)
+        other._attach(bundle)
+        return other
 
     def _check_fingerprint(self) -> None:
         _, emb_uri = index_sources(self.bundle)
