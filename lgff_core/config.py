@@ -288,6 +288,8 @@ class ServeConfig:
     # max_batch images; a batch waits at most max_wait_ms for more queries once the model is free
     max_batch: int = 32
     max_wait_ms: float = 2.0
+    # batches run side by side on this many threads (each forward pass uses torch's own threads, OMP_NUM_THREADS)
+    model_threads: int = 2
     # seconds between checks of the index's index.json: a new version is loaded and swapped in while the loaded one
     # keeps answering (0 = never; restart to pick up a new version)
     index_poll_s: float = 10.0
@@ -595,6 +597,7 @@ BOUNDS: dict[str, Bound] = {
     "serve.max_aspect_ratio": Bound(1),
     "serve.max_batch": AT_LEAST_1,
     "serve.max_wait_ms": NON_NEGATIVE,
+    "serve.model_threads": AT_LEAST_1,
     "serve.index_poll_s": NON_NEGATIVE,  # 0 = never reload
     "pipeline.gpu_count": NON_NEGATIVE,
     "pipeline.retries": NON_NEGATIVE,

@@ -300,10 +300,12 @@ def test_index_rebuilt_in_place_keeps_answering_then_serves_the_new_version(serv
 
     idx, ids = server["index"], server["ids"]
     assert _first_hit(server, 0) == ids[0]
-    remove_from_index(idx, _index_ids(server, ids[:1]), idx)  # v2 without ids[0]; v1's files deleted
-    _first_hit(server, 0)  # answered: by v1 (still open) or already by v2
-    _wait_for(lambda: _first_hit(server, 0) != ids[0], what="the new version served")
-    build_from_embeddings(server["embeddings"], idx, "Flat", "ip")  # back to every id (v3)
+    try:
+        remove_from_index(idx, _index_ids(server, ids[:1]), idx)  # v2 without ids[0]; v1's files deleted
+        _first_hit(server, 0)  # answered: by v1 (still open) or already by v2
+        _wait_for(lambda: _first_hit(server, 0) != ids[0], what="the new version served")
+    finally:
+        build_from_embeddings(server["embeddings"], idx, "Flat", "ip")  # back to every id
     _wait_for(lambda: _first_hit(server, 0) == ids[0], what="the rebuilt version served")
 
 
@@ -312,12 +314,14 @@ def test_emptied_index_makes_the_service_not_ready_and_predict_says_why(server):
     from lgff_core.index import build_from_embeddings, remove_from_index
 
     idx = server["index"]
-    remove_from_index(idx, _index_ids(server, server["ids"]), idx)
-    status, reply, _ = _wait_for(lambda: (r := _get(server["base"]))[0] == 503 and r, what="not ready")
-    assert reply["ready"] is False and "no images" in _one_line_error(reply, server)
-    status, reply, _ = _post(server["base"] + ":predict", _query(server["b64"][:1]))
-    assert status == 503 and "no images" in _one_line_error(reply, server) and "k must be" not in reply["error"]
-    build_from_embeddings(server["embeddings"], idx, "Flat", "ip")
+    try:
+        remove_from_index(idx, _index_ids(server, server["ids"]), idx)
+        status, reply, _ = _wait_for(lambda: (r := _get(server["base"]))[0] == 503 and r, what="not ready")
+        assert reply["ready"] is False and "no images" in _one_line_error(reply, server)
+        status, reply, _ = _post(server["base"] + ":predict", _query(server["b64"][:1]))
+        assert status == 503 and "no images" in _one_line_error(reply, server) and "k must be" not in reply["error"]
+    finally:
+        build_from_embeddings(server["embeddings"], idx, "Flat", "ip")
     _wait_for(lambda: _get(server["base"])[0] == 200, what="ready again")
     assert _first_hit(server, 0) == server["ids"][0]
 

@@ -109,7 +109,7 @@ def test_help_example_sends_json(capsys):
     assert "curl -H 'Content-Type: application/json' -d '{\"instances\"" in out
 
 
-@pytest.mark.parametrize("name", ["", " ", "a/b", "x y", "../lgff", "{name}"])
+@pytest.mark.parametrize("name", ["", " ", "a/b", "x y", "../lgff", "lgff:predict"])
 def test_bad_model_name_fails_at_start_with_one_line(name, capsys):
     """Failure 7: `--set serve.model_name=` crashed with a traceback once the model was loaded; it is refused
     before anything is loaded (exit 2, one line naming the key)."""

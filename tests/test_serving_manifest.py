@@ -71,6 +71,7 @@ def test_container_runs_lgff_serve_with_probe_creds_and_restrictions():
     (c,) = pred["containers"]
     args = build_parser().parse_args(c["command"][1:] + c["args"])  # the CLI accepts the arguments
     assert args.command == "serve" and args.model.startswith("s3://") and args.index.startswith("s3://")
+    assert args.host == "0.0.0.0"  # lgff serve listens on 127.0.0.1 unless told: the pod must take outside traffic
     assert [p["containerPort"] for p in c["ports"]] == [args.port]
     probe = c["readinessProbe"]["httpGet"]
     assert probe["path"] == f"/v1/models/{ServeConfig().model_name}" and probe["port"] == args.port
