@@ -380,7 +380,7 @@ def setup_races(work: Path, races: list[str]) -> dict:
             fingerprints[who] = json.loads((out / "_manifest.json").read_text())["model_fingerprint"]
     if "index-race" in races:
         sys.path.insert(0, str(REPO))
-        from lgff_core.embeddings import EmbeddingTable, write_embeddings
+        from lgff_core.data.embeddings import EmbeddingTable, write_embeddings
 
         rng = np.random.default_rng(0)
         for name, n in (("base", 2000), ("a", 200_000), ("b", 200_000)):

@@ -14,8 +14,8 @@ import pytest
 from lgff_core import index as ix
 from lgff_core import storage
 from lgff_core.cli import main
+from lgff_core.data.embeddings import EmbeddingTable, write_embeddings
 from lgff_core.data.shards import read_manifest
-from lgff_core.embeddings import EmbeddingTable, write_embeddings
 from lgff_core.errors import DataError, IndexError_
 
 from test_reliability import SIZE, _dataset, _one_line, _rewrite_shard
@@ -48,8 +48,8 @@ def run(*argv):
 
 
 def test_dollar_in_names_draws_the_explain_grid_and_the_detection_overlay():
-    from lgff_core.detection_eval import draw_overlay
-    from lgff_core.explain import COLLAPSE, NODE_LABELS, render_grid
+    from lgff_core.evaluate.detection import draw_overlay
+    from lgff_core.retrieval.explain import COLLAPSE, NODE_LABELS, render_grid
     import torch
 
     maps = {f"layer1/{c}": np.zeros((8, 8), np.float32) for c in (*NODE_LABELS, COLLAPSE)}
@@ -106,7 +106,7 @@ def test_report_markdown_is_escaped_and_links_run_no_script(tmp_path, capsys):
 
 
 def test_detection_report_markdown_is_escaped(tmp_path):
-    from lgff_core.report_detection import _md_table
+    from lgff_core.evaluate.detection_report import _md_table
 
     table = _md_table(["model"], [["a|b <img src=x onerror=alert(1)> `c`"]])
     assert table.splitlines()[-1] == r"| a\|b \<img src=x onerror=alert(1)> \`c\` |"
@@ -116,7 +116,7 @@ def test_detection_report_markdown_is_escaped(tmp_path):
 
 
 def test_hit_images_come_only_from_shards_that_match_the_manifest(tmp_path):
-    from lgff_core.search import ImageLocator
+    from lgff_core.retrieval.search import ImageLocator
 
     data = _dataset(str(tmp_path / "data"))
     m = read_manifest(data)
@@ -267,7 +267,7 @@ def test_second_embed_writer_fails_naming_the_holder_and_writes_nothing(tmp_path
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF2,Flat"])
 def test_searching_an_emptied_index_is_one_clear_line(tmp_path, capsys, factory):
-    from lgff_core.search import Searcher
+    from lgff_core.retrieval.search import Searcher
 
     emb = _emb(str(tmp_path / "emb"), _ids("s", 10))
     idx, empty = str(tmp_path / "idx"), str(tmp_path / "empty")

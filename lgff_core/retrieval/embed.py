@@ -18,9 +18,10 @@ One writer per output prefix: every run (and `finalize`, `collect`, a block) hol
 (`storage.lease`) while it writes there, and confirms it before publishing; a second run into the same prefix waits
 ``storage.lease_wait_s`` or fails naming the holder, so two models never interleave shards and manifest.
 Publishing: the manifest is written by whichever run finds every input shard done (so N jobs writing to one prefix
-take turns under the lease, and the last to finish publishes it; N jobs in parallel write N prefixes and `collect`). When the N jobs write to N different prefixes (one kfp artifact each),
-`collect_embeddings` (``lgff embed collect PART... --out URI``) copies the shards into one prefix and writes the
-manifest; ``lgff embed finalize --out URI --data URI`` re-checks and publishes explicitly.
+take turns under the lease, and the last to finish publishes it). When the N jobs write to N different prefixes (in
+parallel; one kfp artifact each), `collect_embeddings` (``lgff embed collect PART... --out URI``) copies the shards
+into one prefix and writes the manifest; ``lgff embed finalize --out URI --data URI`` re-checks and publishes
+explicitly.
 
 Speed (DESIGN.md section 5): batched, `torch.inference_mode`, channels-last memory format and bf16 autocast when
 ``embed.channels_last`` / ``embed.bf16`` are true, or "auto" and the device supports them (a CPU with AMX /
