@@ -1,6 +1,8 @@
-"""Fault suite (run by hand, bounded): random SIGKILLs per stage, rerun, compare with a clean run.
+"""Fault suite (run by hand, bounded): random SIGKILLs per stage, rerun, compare with a clean run; and races of two
+writers into one output.
 
     python bench/faults.py [--trials 10] [--stages prep,embed,index-build,index-rebuild,train] [--seed 0]
+    python bench/faults.py --trials 10 --stages embed-race,index-race
 
 For every stage a clean run is timed first. Each trial then starts the stage in a subprocess, kills it with
 SIGKILL after a random delay in [0, clean time), inspects what is published, reruns the same command (``--resume``
@@ -20,6 +22,20 @@ for train) to completion and compares the result with the clean run:
 Columns: trials; recovered = the rerun exited 0 and its output reads back; identical = and equals the clean run;
 lost = trials in which, right after the kill, a *published* output did not read back whole (a reader would have
 seen a torn or mixed output). Data is tiny and every process runs with OMP_NUM_THREADS=1 (shared CPU).
+
+Races (issue 19): each trial starts writer A, then writer B after a random delay in [0, 1) s ("at once"), both
+into one fresh output, and reads the published output back when the first of them exits and when the second does:
+
+- embed-race:  two `lgff embed --out SAME` (240 images) with other settings (image size 32 / 48): two models
+- index-race:  two `lgff index add --to IVF --embeddings E_A|E_B --out OUTZ` (on-disk IVF8,Flat over 2,000
+               vectors, each appending 200,000 other 32-d vectors)
+
+Each race runs twice: ``lease_wait_s=0`` (the second writer must fail with one line naming the holder, exit 2) and
+``lease_wait_s=120`` (the second waits for the lease, then writes: both exit 0, the later one's output is published).
+Columns: trials; ok = writers that exited 0; refused = exit 2 with one "another writer" line; other = any other
+exit or a traceback; unreadable = published states (after the first exit, after the second) that did not read back
+whole; last = trials whose final output is the writer that finished last (with waiting) or the one that held the
+lease (without).
 """
 from __future__ import annotations
 
@@ -38,6 +54,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("prep", "embed", "index-build", "index-rebuild", "train", "train-ckpt")
+RACES = ("embed-race", "index-race")
+LEASE_WAITS = (0.0, 120.0)
 EMBED_SET = ["--set", "embed.image_size=32", "--set", "embed.batch_size=8", "--set", "embed.bf16=false",
              "--set", "embed.channels_last=false"]
 TRAIN_CONFIG = """base: lgffem_cpu
@@ -283,6 +301,163 @@ class TrainCheckpoint(Train):
         return f"checkpoint window {nth}" + ("" if hit else " (run ended first)")
 
 
+# ------------------------------------------------------------------------------------------------ races
+
+
+class Race:
+    """Two writers of the same output, started a random delay apart."""
+
+    name = ""
+
+    def __init__(self, work: Path):
+        self.work = work
+
+    def commands(self, out: Path, wait_s: float) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+    def published_ok(self, out: Path) -> bool | None:
+        raise NotImplementedError
+
+    def writer_of(self, out: Path) -> str | None:
+        """"A" or "B": whose output is published (None when nothing is)."""
+        raise NotImplementedError
+
+
+class EmbedRace(Race):
+    name = "embed-race"
+
+    def commands(self, out, wait_s):
+        lease = ["--set", f"storage.lease_wait_s={wait_s}"]
+        data = str(self.work / "race-data")
+        a = lgff("embed", "--baseline", "--data", data, "--out", str(out), *EMBED_SET, *lease)
+        other = [arg.replace("image_size=32", "image_size=48") for arg in EMBED_SET]
+        b = lgff("embed", "--baseline", "--data", data, "--out", str(out), *other, *lease)
+        return a, b
+
+    def published_ok(self, out):
+        return Embed.published_ok(self, out)
+
+    def writer_of(self, out):
+        if not (out / "_manifest.json").exists():
+            return None
+        fingerprint = json.loads((out / "_manifest.json").read_text()).get("model_fingerprint")
+        return {self.fingerprints["A"]: "A", self.fingerprints["B"]: "B"}.get(fingerprint, "?")
+
+
+class IndexRace(Race):
+    name = "index-race"
+
+    def commands(self, out, wait_s):
+        lease = ["--set", f"storage.lease_wait_s={wait_s}"]
+        return tuple(lgff("index", "add", "--to", str(self.work / "race-ivf"), "--embeddings",
+                          str(self.work / f"race-emb-{w}"), "--out", str(out), *lease) for w in ("a", "b"))
+
+    def published_ok(self, out):
+        return IndexBuild.published_ok(self, out)
+
+    def writer_of(self, out):
+        if not (out / "index.json").exists():
+            return None
+        held = json.loads((out / "index.json").read_text())["holds"][-1]["embeddings"]
+        return {"race-emb-a": "A", "race-emb-b": "B"}.get(Path(held).name, "?")
+
+
+def setup_races(work: Path, races: list[str]) -> dict:
+    """Inputs of the races; returns the embeddings fingerprint of each embed writer (to tell whose output won)."""
+    import numpy as np
+
+    fingerprints = {}
+    if "embed-race" in races:
+        make_tree(work / "race-tree", n=240)
+        r = run(lgff("prep", "imagefolder", "--src", str(work / "race-tree"), "--out", str(work / "race-data"),
+                     "--no-progress", "--split-fractions", "train=0.75,val=0.25"))
+        assert r.returncode == 0, r.stderr
+        for who, size in (("A", "32"), ("B", "48")):
+            out = work / f"race-embed-{who}"
+            settings = [a.replace("image_size=32", f"image_size={size}") for a in EMBED_SET]
+            r = run(lgff("embed", "--baseline", "--data", str(work / "data"), "--out", str(out), *settings))
+            assert r.returncode == 0, r.stderr
+            fingerprints[who] = json.loads((out / "_manifest.json").read_text())["model_fingerprint"]
+    if "index-race" in races:
+        sys.path.insert(0, str(REPO))
+        from lgff_core.data.embeddings import EmbeddingTable, write_embeddings
+
+        rng = np.random.default_rng(0)
+        for name, n in (("base", 2000), ("a", 200_000), ("b", 200_000)):
+            x = rng.normal(size=(n, 32)).astype(np.float32)
+            write_embeddings(str(work / f"race-emb-{name}"), EmbeddingTable(
+                ids=np.array([f"{name}{i:05d}" for i in range(n)], dtype=object),
+                labels=(np.arange(n) % 3).astype(np.int64),
+                groups=np.array([f"g{i % 7}" for i in range(n)], dtype=object),
+                splits=np.array(["train"] * n, dtype=object), xb=x / np.linalg.norm(x, axis=1, keepdims=True),
+                label_names=["c0", "c1", "c2"]), num_shards=2, model="bench", model_fingerprint="bench-f")
+        r = run(lgff("index", "build", "--embeddings", str(work / "race-emb-base"), "--factory", "IVF8,Flat",
+                     "--out", str(work / "race-ivf")))
+        assert r.returncode == 0, r.stderr
+    return fingerprints
+
+
+def _outcome(proc: subprocess.Popen) -> str:
+    err = proc.stderr.read() if proc.stderr else ""
+    lines = [l for l in err.splitlines() if l.startswith("lgff ")]
+    if proc.returncode == 0 and "Traceback" not in err:
+        return "ok"
+    if proc.returncode == 2 and "Traceback" not in err and len(lines) == 1 and "another writer" in lines[0]:
+        return "refused"
+    return f"other (exit {proc.returncode}: {(err.strip().splitlines() or [''])[-1][:140]})"
+
+
+def trial_race(race: Race, trials: int, wait_s: float, rng: random.Random) -> dict:
+    out = race.work / f"race-{race.name}"
+    clean = race.work / f"race-clean-{race.name}"
+    shutil.rmtree(clean, ignore_errors=True)
+    t0 = time.perf_counter()
+    r = run(race.commands(clean, wait_s)[0])
+    clean_s = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{race.name}: clean run failed: {r.stderr.strip().splitlines()[-1:]}")
+    result = {"stage": f"{race.name} wait={wait_s:g}", "trials": trials, "ok": 0, "refused": 0, "other": 0,
+              "unreadable": 0, "last": 0, "clean_s": clean_s, "notes": []}
+    for t in range(trials):
+        shutil.rmtree(out, ignore_errors=True)
+        cmd_a, cmd_b = race.commands(out, wait_s)
+        delay = rng.uniform(0.0, 1.0)
+        procs = {"A": subprocess.Popen(cmd_a, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True)}
+        time.sleep(delay)
+        procs["B"] = subprocess.Popen(cmd_b, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        finished, outcomes = [], {}
+        deadline = time.monotonic() + 600
+        while len(finished) < 2 and time.monotonic() < deadline:
+            for who, proc in procs.items():
+                if who not in finished and proc.poll() is not None:
+                    finished.append(who)
+                    outcomes[who] = _outcome(proc)
+                    if race.published_ok(out) is False:  # what a reader finds right after this writer exits
+                        result["unreadable"] += 1
+                        result["notes"].append(f"trial {t}: unreadable after {who} exited (B started +{delay:.1f} s)")
+            time.sleep(0.02)
+        for who, proc in procs.items():
+            if who not in finished:
+                proc.kill()
+                proc.wait()
+                outcomes[who] = "other (timed out)"
+        for who, outcome in outcomes.items():
+            key = outcome.split(" ")[0]
+            result[key] += 1
+            if key == "other":
+                result["notes"].append(f"trial {t}: writer {who}: {outcome}")
+        winner = race.writer_of(out)
+        expected = finished[-1] if all(o == "ok" for o in outcomes.values()) else next(
+            (w for w, o in outcomes.items() if o == "ok"), None)
+        if winner is not None and winner == expected:
+            result["last"] += 1
+        elif winner != expected:
+            result["notes"].append(f"trial {t}: published output is {winner}'s, expected {expected}'s "
+                                   f"({outcomes})")
+    return result
+
+
 def setup(work: Path, stages: list[str]) -> None:
     make_tree(work / "tree")
     check = run(lgff("prep", "imagefolder", "--src", str(work / "tree"), "--out", str(work / "data"), "--no-progress",
@@ -340,17 +515,21 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--lease-waits", default=",".join(f"{w:g}" for w in LEASE_WAITS),
+                    help="races: storage.lease_wait_s values to run each race with (seconds, comma-separated)")
     args = ap.parse_args()
     stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - set(STAGES)
+    unknown = set(stages) - set(STAGES) - set(RACES)
     if unknown:
-        ap.error(f"unknown stage(s) {sorted(unknown)}; known: {', '.join(STAGES)}")
+        ap.error(f"unknown stage(s) {sorted(unknown)}; known: {', '.join(STAGES + RACES)}")
+    races = [s for s in stages if s in RACES]
+    stages = [s for s in stages if s in STAGES]
     sys.path.insert(0, str(REPO))
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="lgff-faults-"))
     classes = {"prep": Prep, "embed": Embed, "index-build": IndexBuild, "index-rebuild": IndexRebuild,
                "train": Train, "train-ckpt": TrainCheckpoint}
-    rows = []
+    rows, race_rows = [], []
     try:
         t0 = time.perf_counter()
         setup(work, stages)
@@ -358,14 +537,30 @@ def main() -> None:
             res = trial_stage(classes[name](work), args.trials, rng)
             rows.append(res)
             print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if races:
+            fingerprints = setup_races(work, races)
+            for name in races:
+                race = {"embed-race": EmbedRace, "index-race": IndexRace}[name](work)
+                race.fingerprints = fingerprints
+                for wait_s in (float(w) for w in args.lease_waits.split(",") if w):
+                    race_rows.append(trial_race(race, args.trials, wait_s, rng))
+                    print(f"{name} wait={wait_s:g}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+                          flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{'stage':<14} {'trials':>6} {'recovered':>9} {'identical':>9} {'lost':>5} {'clean s':>8}")
+    if rows:
+        print(f"{'stage':<14} {'trials':>6} {'recovered':>9} {'identical':>9} {'lost':>5} {'clean s':>8}")
     for r in rows:
         print(f"{r['stage']:<14} {r['trials']:>6} {r['recovered']:>9} {r['identical']:>9} {r['lost']:>5} "
               f"{r['clean_s']:>8.1f}")
-    for r in rows:
+    if race_rows:
+        print(f"{'race':<20} {'trials':>6} {'ok':>4} {'refused':>7} {'other':>5} {'unreadable':>10} {'last':>4} "
+              f"{'clean s':>8}")
+    for r in race_rows:
+        print(f"{r['stage']:<20} {r['trials']:>6} {r['ok']:>4} {r['refused']:>7} {r['other']:>5} "
+              f"{r['unreadable']:>10} {r['last']:>4} {r['clean_s']:>8.1f}")
+    for r in rows + race_rows:
         if "kills_mid_write" in r:
             print(f"  {r['stage']}: {r['kills_mid_write']} of {r['trials']} kills landed while a checkpoint was "
                   f"being written or copied")

@@ -7,7 +7,9 @@
   lgff embed collect PART_URI... --out EMB                                  one manifest naming the parts' shards
 
 Shards already embedded (same input shard, same model and settings) are skipped, so a killed run resumes.
-With --shard I/N writing to one --out, the job that completes the last shard publishes the manifest.
+One writer per --out (its writer lease): a second run into the same prefix fails naming the holder, or waits
+storage.lease_wait_s. Jobs with --shard I/N run in parallel into separate prefixes, then `collect`; into one --out
+they take turns (with a lease wait) and the job that completes the last shard publishes the manifest.
 """
 from __future__ import annotations
 

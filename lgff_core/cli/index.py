@@ -8,7 +8,10 @@ Sharded:   lgff index train --embeddings E --factory IVF1024,SQ8 --out T
            lgff index merge --trained T --partials P_0 ... P_N-1 --out IDX
 Append:    lgff index add --to IDX --embeddings NEW --out IDX2                  (new version, parent = IDX)
            [--skip-existing]   (leave out rows whose sample_id IDX holds: NEW may be IDX's rows + new ones)
+           (NEW must match IDX: dimension, metric, model, label names; ids already in IDX need --skip-existing)
 Remove:    lgff index remove --index IDX --ids IDS.txt --out IDX2               (one sample_id per line, or Parquet)
+           (removing every id leaves an empty index; searching it is an error, exit 2)
+One writer per --out: a second writer into the same prefix fails naming the holder (or waits storage.lease_wait_s).
 Search:    lgff index search --index IDX --queries E --k 10 --out N.parquet [--exclude-self] [--exclude-same-group]
            [--query-split test]   (--k all = the full ranking)
 Flat / HNSW above index.max_in_ram_vectors are refused with an IVF factory that fits.
@@ -96,8 +99,8 @@ def register(subparsers) -> None:
     a.add_argument("--out", required=True, help="partial-index URI (--trained) or the new index URI (--to)")
     a.add_argument("--split", help="default: the split the index was trained for (--to: every row)")
     a.add_argument("--skip-existing", action="store_true",
-                   help="--to: leave out rows whose sample_id the index already holds (idempotent reruns over a "
-                        "grown embeddings set); without it every row is appended")
+                   help="--to: leave out rows whose sample_id the index already holds, and repeats of an id "
+                        "(idempotent reruns over a grown embeddings set); without it such rows are an error")
     add_config_args(a)
     a.set_defaults(func=_add)
 
@@ -112,6 +115,7 @@ def register(subparsers) -> None:
     r.add_argument("--index", required=True)
     r.add_argument("--ids", required=True, help="text file with one sample_id per line, or Parquet with sample_id")
     r.add_argument("--out", required=True, help="the new index URI (the parent stays as it is)")
+    add_config_args(r)
     r.set_defaults(func=_remove)
 
     s = sub.add_parser("search", help="k nearest neighbours of query embeddings -> neighbours Parquet")
@@ -170,6 +174,8 @@ def _add(args) -> int:
                                max_in_ram=cfg.index.max_in_ram_vectors)
         held = meta["holds"][-1]
         skipped = f" ({held['skipped']} skipped: already in the index)" if "skipped" in held else ""
+        if held.get("repeated"):
+            skipped += f" ({held['repeated']} repeated id(s) skipped)"
         print(f"appended {held['rows']} vectors to {args.to}{skipped}: {meta['ntotal']} vectors -> {args.out}")
         return 0
     if args.skip_existing:
@@ -195,6 +201,7 @@ def _merge(args) -> int:
 def _remove(args) -> int:
     from ..index import remove_from_index
 
+    load_args_config(args)  # storage limits (lease wait)
     meta = remove_from_index(args.index, args.ids, args.out)
     print(f"removed {meta['removed']} vectors from {args.index}: {meta['ntotal']} vectors -> {args.out}")
     return 0

@@ -52,17 +52,19 @@ def draw_overlay(pixels: np.ndarray, output: dict, score: float, title: str = ""
 
     keep = output["scores"] >= score
     masks = output["masks"][keep][:, 0].numpy() > 0.5 if "masks" in output else np.zeros((0,) + pixels.shape[:2])
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.imshow(pixels)
-    rng = np.random.default_rng(0)
-    for m in masks:
-        if m.any():
-            ax.contour(m.astype(float), levels=[0.5], colors=[rng.uniform(0.2, 1.0, 3)], linewidths=0.8)
-    ax.set_title(title or f"{int(keep.sum())} predictions (score >= {score})", fontsize=9)
-    ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
+    # the title holds a sample id: drawn as written, never parsed as math ('$' in a name)
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+        ax.imshow(pixels)
+        rng = np.random.default_rng(0)
+        for m in masks:
+            if m.any():
+                ax.contour(m.astype(float), levels=[0.5], colors=[rng.uniform(0.2, 1.0, 3)], linewidths=0.8)
+        ax.set_title(title or f"{int(keep.sum())} predictions (score >= {score})", fontsize=9)
+        ax.axis("off")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        plt.close(fig)
     return buf.getvalue()
 
 

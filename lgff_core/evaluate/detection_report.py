@@ -11,9 +11,11 @@ import base64
 import html
 import math
 from typing import Optional, Sequence
+from urllib.parse import quote
 
 from .. import storage
 from ..errors import DataError
+from .report import md_text
 
 __all__ = ["write_single_report", "write_detection_report", "THESIS_TABLE_5_3", "table_rows"]
 
@@ -48,8 +50,12 @@ def table_rows(results: Sequence[dict]) -> list[list[str]]:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    lines = ["| " + " | ".join(md_text(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(md_text(c) for c in r) + " |" for r in rows]) + "\n"
+
+
+def _md_image(rel: str) -> str:
+    return f"![{md_text(rel)}]({quote(rel)})\n"
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -89,8 +95,8 @@ def write_single_report(result: dict, out_uri: str) -> dict:
     count_keys = [k for k in result["per_image"][0] if k not in ("image_id",)] if result["per_image"] else []
     counts = [[str(p[k]) for k in count_keys] for p in result["per_image"]]
     images = _images(result, out_uri, "overlays/", None)
-    md = [f"# {title}\n", info + "\n", _md_table(header, _metrics_rows(result)), "\n## Per image\n",
-          _md_table(count_keys, counts), "\n## Predicted masks\n"] + [f"![{n}]({n})\n" for n, _ in images]
+    md = [f"# {md_text(title)}\n", md_text(info) + "\n", _md_table(header, _metrics_rows(result)), "\n## Per image\n",
+          _md_table(count_keys, counts), "\n## Predicted masks\n"] + [_md_image(n) for n, _ in images]
     figs = "".join(f"<img src='data:image/png;base64,{base64.b64encode(p).decode()}' width='400'>" for _, p in images)
     body = (f"<p>{html.escape(info)}</p>{_html_table(header, _metrics_rows(result))}<h2>Per image</h2>"
             f"{_html_table(count_keys, counts)}<h2>Predicted masks</h2>{figs}")
@@ -122,13 +128,13 @@ def write_detection_report(metrics_uris: Sequence[str], out_uri: str,
             "(other data, backbone, image size and schedule) are not comparable with them in absolute terms.")
     splits = ", ".join(sorted({f"{r['split']} ({r['n_images']} images, {r['n_gt']} instances, maxDets "
                                f"{r['max_dets']})" for r in results}))
-    md = [f"# {title}\n\n", f"Evaluated on: {splits}\n\n", _md_table(COLUMNS, rows), f"\n{note}\n"]
+    md = [f"# {md_text(title)}\n\n", f"Evaluated on: {md_text(splits)}\n\n", _md_table(COLUMNS, rows), f"\n{note}\n"]
     body = [f"<p>Evaluated on: {html.escape(splits)}</p>", _html_table(COLUMNS, rows), f"<p>{html.escape(note)}</p>"]
     for i, (r, base) in enumerate(zip(results, bases)):
         images = _images(r, base, f"figures/{i}-", out_uri)
-        md.append(f"\n## {r['model']}\n\n" + _md_table(["iou", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR"],
-                                                      _metrics_rows(r)))
-        md += [f"![{n}]({n})\n" for n, _ in images]
+        md.append(f"\n## {md_text(r['model'])}\n\n"
+                  + _md_table(["iou", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR"], _metrics_rows(r)))
+        md += [_md_image(n) for n, _ in images]
         body.append(f"<h2>{html.escape(str(r['model']))}</h2>" + _html_table(
             ["iou", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR"], _metrics_rows(r)) + "".join(
             f"<img src='data:image/png;base64,{base64.b64encode(p).decode()}' width='320'>" for _, p in images))

@@ -20,8 +20,10 @@ import base64
 import html
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+from urllib.parse import quote
 
 import numpy as np
 
@@ -30,7 +32,8 @@ from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_metrics", "write_report", "projection_2d", "RETRIEVAL_ROWS"]
+__all__ = ["load_metrics", "write_report", "projection_2d", "RETRIEVAL_ROWS", "md_text", "link_target",
+           "LINK_SCHEMES"]
 
 # (key in metrics["metrics"], label) in table order; keys missing from every run are left out
 RETRIEVAL_ROWS = [
@@ -83,6 +86,14 @@ def _plt():
     return plt
 
 
+def _plain_text():
+    """Figure text drawn as written: class, run and file names may hold '$', which matplotlib would parse as
+    math (and fail on, e.g. '$\\evil$')."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False})
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -119,19 +130,21 @@ def _per_class_chart(runs: list[Run]) -> Optional[bytes]:
         for lab, row in t.items():
             names.setdefault(lab, row.get("name", str(lab)))
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels) * max(1, len(runs)) + 2), 3.6))
-    width = 0.8 / len(tables)
-    xs = np.arange(len(labels))
-    for i, (name, t) in enumerate(tables):
-        vals = [100 * t[lab]["accuracy"] if lab in t and t[lab]["accuracy"] is not None else np.nan for lab in labels]
-        ax.bar(xs + (i - (len(tables) - 1) / 2) * width, vals, width, label=name)
-    ax.set_xticks(xs)
-    ax.set_xticklabels([names[lab] for lab in labels], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Per-class top-1 accuracy (classes without queries are blank)")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    with _plain_text():
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels) * max(1, len(runs)) + 2), 3.6))
+        width = 0.8 / len(tables)
+        xs = np.arange(len(labels))
+        for i, (name, t) in enumerate(tables):
+            vals = [100 * t[lab]["accuracy"] if lab in t and t[lab]["accuracy"] is not None else np.nan
+                    for lab in labels]
+            ax.bar(xs + (i - (len(tables) - 1) / 2) * width, vals, width, label=name)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(names[lab]) for lab in labels], rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title("Per-class top-1 accuracy (classes without queries are blank)")
+        ax.legend(fontsize=8)
+        return _png(fig)
 
 
 def _projection_figure(run: Run, max_points: int, seed: int) -> Optional[bytes]:
@@ -153,18 +166,19 @@ def _projection_figure(run: Run, max_points: int, seed: int) -> Optional[bytes]:
     coords, method = projection_2d(emb.xb[rows], seed)
     labels = emb.labels[rows]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    cmap = plt.get_cmap("tab20" if len(np.unique(labels)) > 10 else "tab10")
-    for j, lab in enumerate(np.unique(labels)):
-        sel = labels == lab
-        name = emb.label_names[lab] if 0 <= lab < len(emb.label_names) else str(lab)
-        ax.scatter(coords[sel, 0], coords[sel, 1], s=8, color=cmap(j % cmap.N), label=name)
-    ax.set_title(f"{run.name}: {method} of {len(rows)} embeddings")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if len(np.unique(labels)) <= 24:
-        ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
-    return _png(fig)
+    with _plain_text():
+        fig, ax = plt.subplots(figsize=(6, 5))
+        cmap = plt.get_cmap("tab20" if len(np.unique(labels)) > 10 else "tab10")
+        for j, lab in enumerate(np.unique(labels)):
+            sel = labels == lab
+            name = emb.label_names[lab] if 0 <= lab < len(emb.label_names) else str(lab)
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=8, color=cmap(j % cmap.N), label=name)
+        ax.set_title(f"{run.name}: {method} of {len(rows)} embeddings")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if len(np.unique(labels)) <= 24:
+            ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
+        return _png(fig)
 
 
 def _fetch_images(dataset_uri: str, ids: set) -> dict:
@@ -245,6 +259,35 @@ def _grid_png(rows: list, images: dict, label_names: dict, title: str, top: int,
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ escaping
+
+# what a report may link to: web pages, and the storage URIs / paths the pipeline's pages live at; never a scheme
+# that runs code in the reader's browser (javascript:, vbscript:, data:)
+LINK_SCHEMES = ("http", "https", "s3", "file")
+# Markdown that inline text can start: escapes, code, emphasis, strikethrough, math, headings' closing #, table
+# cells, raw HTML / autolinks, entities; '_' only at a word edge (inside a word it is literal) and ']' only where
+# it would close a link or image ("](", "][")
+_MD_SPECIAL = re.compile(r"[\\`*~$#|<&]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\](?=[(\[])")
+
+
+def md_text(text) -> str:
+    """`text` (a class, run or file name, a title) as literal Markdown inline text on one line."""
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), " ".join(str(text).split()))
+
+
+def link_target(uri: str, what: str = "link") -> str:
+    """`uri` as a link target (percent-encoded where needed); `DataError` for a scheme outside `LINK_SCHEMES`
+    or control characters (a browser drops those, so 'java\\tscript:' would run)."""
+    text = str(uri).strip()
+    if not text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise DataError(f"{what} {uri!r}: empty, or holds control characters")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", text)
+    if scheme and scheme.group(1).lower() not in LINK_SCHEMES:
+        raise DataError(f"{what} {uri!r}: {scheme.group(1)}: links are not allowed (only "
+                        f"{', '.join(LINK_SCHEMES)} URIs and paths)")
+    return quote(text, safe="/:?#[]@!$&'()*+,;=%~")
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -352,8 +395,8 @@ def _revisited_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 
 def _md_table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = ["| " + " | ".join(md_text(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    out += ["| " + " | ".join(md_text(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -375,6 +418,7 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
     """Write report.html (self-contained) + report.md + figures; returns the written URIs."""
     if not metrics_uris:
         raise DataError("no metrics files given")
+    links = [(text, link_target(uri, f"link {text!r}")) for text, uri in links]  # checked before anything is written
     runs = []
     for i, uri in enumerate(metrics_uris):
         data = load_metrics(uri)
@@ -412,10 +456,10 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
         if grid:
             figures.append((f"queries_{i}.png", f"Example queries: {r.name}", grid))
 
-    md = [f"# {title}", ""]
+    md = [f"# {md_text(title)}", ""]
     body = [f"<h1>{html.escape(title)}</h1>"]
     if baseline is not None:
-        line = f"Baseline: **{baseline.name}** (frozen backbone + GeM on its last level, no neck)."
+        line = f"Baseline: **{md_text(baseline.name)}** (frozen backbone + GeM on its last level, no neck)."
         md += [line, ""]
         body.append(f"<p>Baseline: <b>{html.escape(baseline.name)}</b> (frozen backbone + GeM on its last level, "
                     "no neck).</p>")
@@ -431,7 +475,7 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
                                            f"database {r.data.get('database_size')}")
                           + (", full ranking" if r.data.get("full_ranking") else "") + _sample_note(r.data)
                           for r in retrieval)
-        md += [f"_{notes}_", ""]
+        md += [f"_{md_text(notes)}_", ""]
         body.append(f"<p class='meta'>{html.escape(notes)}</p>")
         md += ["Definitions:", ""] + [f"- **{name}**: {text}" for name, text in METRIC_DEFINITIONS] + [""]
         body.append("<p class='meta'>Definitions:</p><ul class='meta'>" + "".join(
@@ -449,7 +493,7 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
     for name, caption, png in figures:
         storage.write_bytes(storage.join(fig_dir, name), png)
         b64 = base64.b64encode(png).decode("ascii")
-        img_md = f"![{caption}]({fig_rel}/{name})"
+        img_md = f"![{md_text(caption)}]({quote(fig_rel)}/{name})"
         img_html = f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>"
         if name == PER_CLASS_FIGURE and per_class_md:
             # the per-class table beside its chart
@@ -458,16 +502,16 @@ def write_report(metrics_uris: Sequence[str], out_uri: str, *, title: str = "LGF
                                           per_class_html[1], f"<div>{img_html}</div>", "</div>"]
             per_class_md = per_class_html = []
             continue
-        md += [f"## {caption}", "", img_md, ""]
+        md += [f"## {md_text(caption)}", "", img_md, ""]
         body += [f"<h2>{html.escape(caption)}</h2>", img_html]
     md += per_class_md
     body += per_class_html
     if links:  # related pages (the explain stage's explanations); only linked when present
-        md += ["## Related pages", ""] + [f"- [{t}]({u})" for t, u in links] + [""]
+        md += ["## Related pages", ""] + [f"- [{md_text(t)}](<{u}>)" for t, u in links] + [""]
         body += ["<h2>Related pages</h2><ul>"] + [f"<li><a href='{html.escape(u)}'>{html.escape(t)}</a></li>"
                                                    for t, u in links] + ["</ul>"]
     sources = ", ".join(r.uri for r in runs)
-    md += [f"_Sources: {sources}_", ""]
+    md += [f"_Sources: {md_text(sources)}_", ""]
     body.append(f"<p class='meta'>Sources: {html.escape(sources)}</p>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")

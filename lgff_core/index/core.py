@@ -156,6 +156,12 @@ def _order_key(D: np.ndarray, metric: int) -> np.ndarray:
     return -D if metric == faiss.METRIC_INNER_PRODUCT else D
 
 
+def check_not_empty(index: faiss.Index, where: str = "the index") -> None:
+    """An index whose every vector was removed (`lgff index remove`) answers no search: one clear error."""
+    if index.ntotal == 0:
+        raise IndexError_(f"{where} holds no vectors (every sample id was removed); nothing to search")
+
+
 def search(index: faiss.Index, xq: np.ndarray, k: int, *, exclude: Optional[callable] = None,
            max_excluded: int = 0, metric: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours with the deterministic tie-break (score, then database position).
@@ -167,6 +173,7 @@ def search(index: faiss.Index, xq: np.ndarray, k: int, *, exclude: Optional[call
     """
     nq = xq.shape[0]
     ntotal = index.ntotal
+    check_not_empty(index)
     if k < 1:
         raise IndexError_(f"k must be >= 1, got {k}")
     if k + max_excluded > ntotal:
@@ -238,6 +245,7 @@ def search_neighbours(bundle: IndexBundle, queries: EmbeddingTable, k: Optional[
     largest number of rows any query can lose, then filters.
     """
     index = bundle.index
+    check_not_empty(index, bundle.meta.get("uri") or "the index")
     xq = prepare_vectors(queries.xb, bundle.metric, index.d, where="queries")
     set_search_params(index, nprobe, ef_search, k_factor_rf)
     idmap = bundle.rows

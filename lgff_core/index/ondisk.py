@@ -138,16 +138,18 @@ class EmbeddingsSource:
                     if seen >= stop:
                         return
 
-    def iter_column(self, name: str) -> Iterator[np.ndarray]:
-        """One scalar column over the selected rows, one shard at a time (reads that column and split only)."""
+    def iter_column(self, name: str, arrow: bool = False) -> Iterator[np.ndarray | pa.ChunkedArray]:
+        """One scalar column over the selected rows, one shard at a time (reads that column and split only);
+        numpy arrays, or Arrow arrays with ``arrow=True`` (compact strings)."""
         cols = [name] if self.wanted is None or name == "split" else [name, "split"]
         for i in range(len(self.entries)):
             with storage.open_input_file(self.shard_uri(i)) as f:
                 t = pq.read_table(f, columns=cols)
-            values = t.column(name).to_numpy(zero_copy_only=False)
+            values = t.column(name)
             if self.wanted is not None:
-                values = values[np.isin(np.asarray(t.column("split").to_pylist(), dtype=object), self.wanted)]
-            yield values
+                values = values.filter(pa.array(np.isin(np.asarray(t.column("split").to_pylist(), dtype=object),
+                                                        self.wanted)))
+            yield values if arrow else values.to_numpy(zero_copy_only=False)
 
     def column(self, name: str) -> np.ndarray:
         """One scalar column over the selected rows."""
@@ -211,6 +213,21 @@ def rows_not_in(src: EmbeddingsSource, rows: IdMap, chunk: int = ID_CHUNK) -> np
             flush()
     flush()
     return np.concatenate(masks) if masks else np.zeros(0, bool)
+
+
+def first_occurrences(src: EmbeddingsSource, among: np.ndarray) -> np.ndarray:
+    """Boolean mask over the selected rows of `src`: True at the first row of each sample_id among the rows where
+    `among` is true. Memory: those rows' ids as Arrow strings (plus 4 bytes per row), never the vectors."""
+    chunks, start = [], 0
+    for ids in src.iter_column("sample_id", arrow=True):
+        chunks += ids.filter(pa.array(among[start:start + len(ids)])).chunks
+        start += len(ids)
+    first = np.zeros(len(among), bool)
+    if chunks:
+        codes = pa.chunked_array(chunks, pa.string()).combine_chunks().dictionary_encode().indices
+        _, at = np.unique(codes.to_numpy(zero_copy_only=False), return_index=True)
+        first[np.flatnonzero(among)[at]] = True
+    return first
 
 
 # ------------------------------------------------------------------------------------------------ size checks

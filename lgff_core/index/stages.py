@@ -8,7 +8,9 @@ or removing sample ids writes a new index (a new version with ``parent`` in its 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 from typing import Optional, Sequence
@@ -23,15 +25,29 @@ from ..errors import DataError, IndexError_
 from .core import (_is_pure_ivf, build_index, merge_shards, prepare_vectors, search_neighbours_batched, train_index)
 from .ondisk import (EmbeddingsSource, IdMapWriter, append_lists, block_ranges, check_fits_in_ram, encode_block,
                      is_ondisk_factory, merge_partials_ondisk, raw_block, remove_file, remove_lists, write_partial,
-                     rows_not_in)
+                     rows_not_in, first_occurrences)
 from .ondisk import train_sample as sample_for_training
-from .store import (IDMAP_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, TRAINED_FILE, IdMap, LocalFiles, Staging,
-                    file_digest, idmap_table, load_index, read_faiss_file, read_manifest, save_index, legacy_local_path)
+from .store import (IDMAP_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, PARTIAL_META, TRAINED_FILE, IdMap, LocalFiles,
+                    Staging, file_digest, idmap_table, load_index, read_faiss_file, read_manifest, save_index,
+                    legacy_local_path, writer_lease)
 
 logger = logging.getLogger(__name__)
 
-PARTIAL_META = "partial.json"
 DEFAULT_BLOCK_ROWS = 250_000
+
+
+def _writes_out(action: str):
+    """Run the stage under the writer lease of its ``out_uri`` (taken before it reads anything it builds on)."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def leased(*args, **kwargs):
+            out_uri = signature.bind(*args, **kwargs).arguments["out_uri"]
+            with writer_lease(out_uri, f"lgff index {action}"):
+                return fn(*args, **kwargs)
+        return leased
+    return wrap
 
 
 def shard_range(num_items: int, index: int, count: int) -> range:
@@ -43,7 +59,8 @@ def shard_range(num_items: int, index: int, count: int) -> range:
 
 def _source_meta(src: EmbeddingsSource, factory: str, metric: str, nprobe: Optional[int]) -> dict:
     return {"factory": factory, "metric": metric, "embeddings": src.uri, "split": src.split, "nprobe": nprobe,
-            "label_names": src.label_names, "model": src.manifest.get("model"), "source": src.manifest.get("source"),
+            "label_names": src.label_names, "model": src.manifest.get("model"),
+            "model_fingerprint": src.manifest.get("model_fingerprint"), "source": src.manifest.get("source"),
             "holds": [{"embeddings": src.uri, "split": src.split, "rows": src.num_rows}], "parent": None}
 
 
@@ -80,6 +97,7 @@ def _encode_to_files(stage: Staging, trained: faiss.Index, src: EmbeddingsSource
     return paths
 
 
+@_writes_out("build")
 def build_from_embeddings(embeddings_uri: str, out_uri: str, factory: str = "Flat", metric: str = "ip",
                           split: Optional[str | Sequence[str]] = None, train_sample: Optional[int] = None,
                           seed: int = 0, *, nprobe: Optional[int] = None, max_in_ram: Optional[int] = None,
@@ -106,6 +124,7 @@ def build_from_embeddings(embeddings_uri: str, out_uri: str, factory: str = "Fla
         return _publish_ondisk(stage, index, trained, meta)
 
 
+@_writes_out("train")
 def train_from_embeddings(embeddings_uri: str, out_uri: str, factory: str, metric: str = "ip",
                           split: Optional[str | Sequence[str]] = None, train_sample: Optional[int] = 100000,
                           seed: int = 0, *, nprobe: Optional[int] = None, max_in_ram: Optional[int] = None) -> dict:
@@ -135,6 +154,7 @@ def _load_trained(trained_uri: str) -> tuple[faiss.Index, dict, list]:
     return faiss.read_index(path), meta, keep
 
 
+@_writes_out("add")
 def add_from_embeddings(trained_uri: str, embeddings_uri: str, out_uri: str, shard: Optional[tuple[int, int]] = None,
                         split: Optional[str | Sequence[str]] = None, *, rows: Optional[tuple[int, int]] = None) -> dict:
     """`lgff index add --shard I/N` (embeddings shards block I of N) or `--rows A:B` (selected rows [A, B)):
@@ -163,6 +183,7 @@ def add_from_embeddings(trained_uri: str, embeddings_uri: str, out_uri: str, sha
         return stage.publish(meta, [INDEX_FILE, IDMAP_FILE])
 
 
+@_writes_out("merge")
 def merge_partials(trained_uri: str, partial_uris: Sequence[str], out_uri: str, *,
                    max_in_ram: Optional[int] = None) -> dict:
     """`lgff index merge`: the partials (any order on input; merged in row order) -> the final index."""
@@ -215,22 +236,69 @@ def _child_meta(pmeta: dict, parent_uri: str) -> dict:
                                                   "rows": pmeta.get("ntotal")}])}
 
 
+
+def _check_appendable(pmeta: dict, index_uri: str, src: EmbeddingsSource) -> list:
+    """Refuse embeddings that would mix unrelated data into the index; returns the child's label names."""
+    where = f"{src.uri}: cannot append to {index_uri}:"
+    if src.dim != int(pmeta["d"]):
+        raise DataError(f"{where} dimension {src.dim}, the index has {pmeta['d']}")
+    if src.manifest.get("metric") not in (None, pmeta.get("metric", "ip")):
+        raise DataError(f"{where} embeddings for metric {src.manifest['metric']!r}, the index uses "
+                        f"{pmeta.get('metric', 'ip')!r}")
+    for key, what in (("model_fingerprint", "model fingerprint"), ("model", "model")):
+        ours, theirs = pmeta.get(key), src.manifest.get(key)
+        if ours and theirs:
+            if ours != theirs:
+                raise DataError(f"{where} embedded with another model ({what} {str(theirs)[:16]}, the index's is "
+                                f"{str(ours)[:16]}); re-embed NEW with the index's model or build a new index")
+            break
+    old, new = list(pmeta.get("label_names") or []), src.label_names
+    for label, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            raise DataError(f"{where} label {label} is {b!r} in the embeddings but {a!r} in the index (label ids "
+                            "must name the same classes)")
+    return new if len(new) > len(old) else old
+
+
+def _new_rows(src: EmbeddingsSource, rows: IdMap, skip_existing: bool,
+              index_uri: str) -> tuple[Optional[np.ndarray], int, int]:
+    """(keep-mask over the selected rows of `src` or None = all, rows already in the index, repeated ids in
+    `src`). Without `skip_existing` either kind of row is an error: an index holds each sample_id once."""
+    not_held = rows_not_in(src, rows)
+    if not skip_existing and not not_held.all():
+        first = src.column("sample_id")[int(np.flatnonzero(~not_held)[0])]
+        raise DataError(f"{src.uri}: {int((~not_held).sum())} sample id(s) are already in {index_uri}, e.g. "
+                        f"{first!r}; --skip-existing appends only the new rows")
+    first_seen = first_occurrences(src, not_held)
+    repeated = not_held & ~first_seen
+    if not skip_existing and repeated.any():
+        sid = src.column("sample_id")[int(np.flatnonzero(repeated)[0])]
+        raise DataError(f"{src.uri}: sample id {sid!r} appears more than once ({int(repeated.sum())} repeated "
+                        "row(s)); --skip-existing appends the first of each")
+    keep = not_held & first_seen
+    return (None if keep.all() else keep), int((~not_held).sum()), int(repeated.sum())
+
+
+@_writes_out("add --to")
 def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Optional[str | Sequence[str]] = None,
                     *, skip_existing: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
                     max_in_ram: Optional[int] = None) -> dict:
     """`lgff index add --to INDEX --embeddings NEW --out NEWINDEX [--skip-existing]`: NEW's rows appended with the
     parent's trained quantizer (ids continue after the parent's); NEWINDEX is a new version naming its parent.
 
-    `skip_existing` leaves out the rows whose sample_id the parent already holds, so appending a grown embeddings
-    set (the parent's rows + new ones) appends only the new rows and a rerun is idempotent. When no row is new,
-    NEWINDEX is still written: a new version holding exactly the parent's rows (its ``holds`` entry says 0 rows),
-    so a caller always gets an index at NEWINDEX and the parent is never referenced as someone else's output."""
+    `skip_existing` leaves out the rows whose sample_id the parent already holds, and repeats of a sample_id
+    within NEW after its first row, so appending a grown embeddings set (the parent's rows + new ones) appends only
+    the new rows and a rerun is idempotent; without it such rows are an error. When no row is new, NEWINDEX is
+    still written: a new version holding exactly the parent's rows (its ``holds`` entry says 0 rows), so a caller
+    always gets an index at NEWINDEX and the parent is never referenced as someone else's output.
+
+    NEW must be comparable with the parent: same dimension and metric, the same label ids for the same class names
+    (NEW may add classes after the parent's), and the same model (fingerprint, else name, when both record one)."""
     pmeta = read_manifest(index_uri)
     src = EmbeddingsSource(embeddings_uri, split)
     n_rows = _nonempty(src)
-    if src.dim != int(pmeta["d"]):
-        raise DataError(f"{embeddings_uri}: dimension {src.dim}, the index {index_uri} has {pmeta['d']}")
-    meta = _child_meta(pmeta, index_uri)
+    label_names = _check_appendable(pmeta, index_uri, src)
+    meta = {**_child_meta(pmeta, index_uri), "label_names": label_names}
     metric = pmeta.get("metric", "ip")
     ondisk = bool(pmeta.get("ondisk"))
     if ondisk:
@@ -239,12 +307,13 @@ def append_to_index(index_uri: str, embeddings_uri: str, out_uri: str, split: Op
     else:
         bundle = load_index(index_uri)
         rows = bundle.rows
-    keep = rows_not_in(src, rows) if skip_existing else None
+    keep, n_held, n_repeated = _new_rows(src, rows, skip_existing, index_uri)
     n_new = n_rows if keep is None else int(keep.sum())
     meta["holds"].append({"embeddings": src.uri, "split": src.split, "rows": n_new,
-                          **({"skipped": n_rows - n_new} if skip_existing else {})})
-    logger.info("%s: appending %d of %d rows to %s (%d skipped: already there)", embeddings_uri, n_new, n_rows,
-                index_uri, n_rows - n_new)
+                          **({"skipped": n_held} if skip_existing else {}),
+                          **({"repeated": n_repeated} if n_repeated else {})})
+    logger.info("%s: appending %d of %d rows to %s (%d skipped: already there, %d repeated ids)", embeddings_uri,
+                n_new, n_rows, index_uri, n_held, n_repeated)
     if not ondisk:
         from ..data.embeddings import read_embeddings
 
@@ -291,16 +360,16 @@ def read_id_list(uri: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+@_writes_out("remove")
 def remove_from_index(index_uri: str, ids_uri: str, out_uri: str) -> dict:
     """`lgff index remove --index INDEX --ids FILE --out NEWINDEX`: NEWINDEX without those sample ids."""
     pmeta = read_manifest(index_uri)
     ids = read_id_list(ids_uri)
     bundle = load_index(index_uri)
-    pos = bundle.rows.find(ids)
-    if (pos < 0).any():
-        first = ids[int(np.flatnonzero(pos < 0)[0])]
-        raise DataError(f"{ids_uri}: {int((pos < 0).sum())} sample id(s) are not in {index_uri}, e.g. {first!r}")
-    drop = np.unique(pos)
+    drop, held = bundle.rows.positions_of(ids)  # every row of each id (an index may hold an id twice)
+    if not held.all():
+        first = ids[int(np.flatnonzero(~held)[0])]
+        raise DataError(f"{ids_uri}: {int((~held).sum())} sample id(s) are not in {index_uri}, e.g. {first!r}")
     meta = {**_child_meta(pmeta, index_uri), "removed": int(len(drop)), "removed_ids": str(ids_uri)}
     if not pmeta.get("ondisk"):
         index = faiss.clone_index(bundle.index)

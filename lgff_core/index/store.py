@@ -13,6 +13,11 @@ Writing into a prefix that already holds a version writes v<N+1> beside it and p
 the old version's files are deleted only after that, so a writer killed at any moment leaves the previous manifest
 describing the previous, intact files. Readers check every file's size and sha256 against the manifest before
 loading it. A prefix written before versioning (files at the top, no ``files`` key) is still readable.
+
+One writer per prefix: every writer holds the prefix's writer lease (`writer_lease`, `storage.lease`) from before
+it reads what it builds on until it has published; a second writer waits ``storage.lease_wait_s`` or fails naming
+the holder. `Staging` never deletes a version folder that a manifest of the prefix names (not when it starts, not
+when it aborts) and publishes only while it still holds the lease and the manifest is the one it started from.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -44,6 +50,8 @@ IVFDATA_FILE = "index.ivfdata"
 TRAINED_FILE = "trained.faiss"
 IDMAP_FILE = "idmap.parquet"
 META_FILE = "index.json"
+PARTIAL_META = "partial.json"  # manifest of a partial index (`lgff index add --trained`)
+MANIFEST_NAMES = (META_FILE, PARTIAL_META)
 MANIFEST_SCHEMA_VERSION = 2
 IDMAP_ROW_GROUP = 65536
 
@@ -143,6 +151,19 @@ class IdMap:
             out[new] = start + hit[new].astype(np.int64)
         return out
 
+    def positions_of(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted database positions of every row whose sample_id is among `sample_ids`, and per given id whether
+        any row holds it)."""
+        wanted = pa.array(list(sample_ids), pa.string())
+        held = np.zeros(len(wanted), dtype=bool)
+        hits = [np.empty(0, np.int64)]
+        for start, t in self._row_groups():
+            col = t.column("sample_id").combine_chunks()
+            hits.append(start + np.flatnonzero(pc.is_in(col, value_set=wanted).fill_null(False).to_numpy(
+                zero_copy_only=False)))
+            held |= pc.is_in(wanted, value_set=col).fill_null(False).to_numpy(zero_copy_only=False)
+        return np.concatenate(hits).astype(np.int64), held
+
     def table(self) -> pa.Table:
         if self._table is not None:
             return self._table
@@ -230,29 +251,73 @@ def read_manifest(uri: str, what: str = "an index", name: str = META_FILE) -> di
     return storage.read_json(meta_uri, IndexError_)
 
 
+_HELD_LEASES: dict[str, "storage.Lease"] = {}
+
+
+@contextlib.contextmanager
+def writer_lease(out_uri: str, owner: str):
+    """The writer lease of an index output prefix, re-entrant within a process: a stage takes it before reading
+    the version it builds on, and the `Staging` it opens (or `save_index`) reuses it."""
+    key = str(out_uri).rstrip("/")
+    if key in _HELD_LEASES:
+        yield _HELD_LEASES[key]
+        return
+    with storage.lease(key, owner=owner) as held:
+        _HELD_LEASES[key] = held
+        try:
+            yield held
+        finally:
+            del _HELD_LEASES[key]
+
+
+def named_versions(out_uri: str) -> set[str]:
+    """The version folders (``v<N>``) that a manifest of `out_uri` (index or partial) names."""
+    named = set()
+    for name in MANIFEST_NAMES:
+        try:
+            meta = read_manifest(out_uri, name=name)
+        except IndexError_:
+            continue
+        for entry in (meta.get("files") or {}).values():
+            head = str(entry.get("path", "")).split("/", 1)
+            if len(head) == 2:
+                named.add(head[0])
+    return named
+
+
 class Staging:
     """Where a new version's files are written before publication.
 
     Local outputs: the version directory itself (no copy of multi-GB lists); remote: a temporary directory whose
-    files `publish` uploads. The version number is one above the published one.
+    files `publish` uploads. The version number is one above the published one, skipping any folder a manifest
+    names. Holds the prefix's writer lease (`writer_lease`) from construction until publish / abort.
     """
 
-    def __init__(self, out_uri: str, manifest_name: str = META_FILE):
+    def __init__(self, out_uri: str, manifest_name: str = META_FILE, owner: str = "lgff index"):
         self.out_uri = str(out_uri)
         self.manifest_name = manifest_name
+        self._lease_scope = contextlib.ExitStack()
+        self.lease = self._lease_scope.enter_context(writer_lease(self.out_uri, owner))
         try:
-            self.previous = read_manifest(self.out_uri, name=manifest_name)
+            self._start()
+        except BaseException:
+            self._lease_scope.close()
+            raise
+
+    def _start(self) -> None:
+        try:
+            self.previous = read_manifest(self.out_uri, name=self.manifest_name)
         except IndexError_:
             self.previous = None
-        prev_version = int((self.previous or {}).get("version", 0) or 0)
-        self.version = prev_version + 1
+        named = named_versions(self.out_uri)
+        self.version = int((self.previous or {}).get("version", 0) or 0) + 1
+        while f"v{self.version}" in named:  # a manifest names it: never reuse (nor delete) that folder
+            self.version += 1
         self.prefix = f"v{self.version}"
         self._tmp = None
         if storage.is_local(self.out_uri):
             self.dir = storage.local_path(storage.join(self.out_uri, self.prefix))
-            if os.path.isdir(self.dir):  # left by a writer killed before it published: never referenced
-                import shutil
-
+            if os.path.isdir(self.dir):  # left by a writer killed before it published: no manifest names it
                 shutil.rmtree(self.dir)
             os.makedirs(self.dir)
         else:
@@ -272,12 +337,25 @@ class Staging:
                 storage.upload_file(self.path(name), storage.join(self.out_uri, rel))
         manifest = {**meta, "kind": meta.get("kind", "index"), "schema_version": MANIFEST_SCHEMA_VERSION,
                     "version": self.version, "files": files}
+        self._check_still_ours()
         storage.write_text(storage.join(self.out_uri, self.manifest_name),
                            json.dumps(manifest, indent=2, sort_keys=True))
         self._remove_previous(files)
         if self._tmp is not None:
             self._tmp.cleanup()
+        self._lease_scope.close()
         return manifest
+
+    def _check_still_ours(self) -> None:
+        """Publish only under the lease and over the manifest this writer started from."""
+        self.lease.check()
+        try:
+            now = read_manifest(self.out_uri, name=self.manifest_name)
+        except IndexError_:
+            now = None
+        if (now or {}).get("version") != (self.previous or {}).get("version"):
+            raise IndexError_(f"{self.out_uri}: another writer published version {now.get('version') if now else '-'} "
+                              "meanwhile; nothing published")
 
     def _remove_previous(self, files: dict) -> None:
         if self.previous is None:
@@ -286,7 +364,7 @@ class Staging:
         if "files" in self.previous:
             old = [f["path"] for f in self.previous["files"].values()]
         else:  # unversioned layout
-            old = [INDEX_FILE, IDMAP_FILE, TRAINED_FILE, "partial.json"]
+            old = [INDEX_FILE, IDMAP_FILE, TRAINED_FILE, PARTIAL_META]
         for rel in old:
             if rel not in keep:
                 storage.delete(storage.join(self.out_uri, rel))
@@ -303,13 +381,15 @@ class Staging:
             self.abort()
 
     def abort(self) -> None:
-        """Drop the unpublished version (a killed writer's leftovers are removed by the next writer instead)."""
-        if self._tmp is not None:
-            self._tmp.cleanup()
-        elif os.path.isdir(self.dir):
-            import shutil
-
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Drop the unpublished version (a killed writer's leftovers are removed by the next writer instead);
+        a folder that a manifest names meanwhile is left alone."""
+        try:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            elif os.path.isdir(self.dir) and self.prefix not in named_versions(self.out_uri):
+                shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            self._lease_scope.close()
 
 
 class LocalFiles:
@@ -361,6 +441,15 @@ def faiss_chatter_to_stderr():
 def read_faiss_file(path: str, ondisk: bool = False) -> faiss.Index:
     """Read an index file without loading on-disk lists (they are memory-mapped from beside the file)."""
     if ondisk:
+        lists = os.path.join(os.path.dirname(path), IVFDATA_FILE)
+        if os.path.exists(lists) and os.path.getsize(lists) == 0:
+            # every vector removed: faiss cannot map an empty list file, and there is nothing in it to map
+            index = faiss.read_index(path, faiss.IO_FLAG_SKIP_IVF_DATA)
+            ivf = faiss.extract_index_ivf(index)
+            empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+            ivf.replace_invlists(empty, True)
+            empty.this.disown()
+            return index
         with faiss_chatter_to_stderr():
             return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     return faiss.read_index(path)

@@ -14,10 +14,14 @@ its shards and markers beside the old ones, under ``_v/<version>/`` (version = h
 fingerprint), publishes by writing ``_manifest.json`` last (listing ``_v/<version>/part-...``), and only then
 removes the old version's files. Readers follow the manifest, so they see the old set or the new one, never a
 mixture; a kill at any point leaves the old manifest (and its shards) in place.
-Publishing: the manifest is written by whichever run finds every input shard done (so with N jobs writing to one
-prefix, the last to finish publishes it). When the N jobs write to N different prefixes (one kfp artifact each),
-`collect_embeddings` (``lgff embed collect PART... --out URI``) copies the shards into one prefix and writes the
-manifest; ``lgff embed finalize --out URI --data URI`` re-checks and publishes explicitly.
+One writer per output prefix: every run (and `finalize`, `collect`, a block) holds the prefix's writer lease
+(`storage.lease`) while it writes there, and confirms it before publishing; a second run into the same prefix waits
+``storage.lease_wait_s`` or fails naming the holder, so two models never interleave shards and manifest.
+Publishing: the manifest is written by whichever run finds every input shard done (so N jobs writing to one prefix
+take turns under the lease, and the last to finish publishes it). When the N jobs write to N different prefixes (in
+parallel; one kfp artifact each), `collect_embeddings` (``lgff embed collect PART... --out URI``) copies the shards
+into one prefix and writes the manifest; ``lgff embed finalize --out URI --data URI`` re-checks and publishes
+explicitly.
 
 Speed (DESIGN.md section 5): batched, `torch.inference_mode`, channels-last memory format and bf16 autocast when
 ``embed.channels_last`` / ``embed.bf16`` are true, or "auto" and the device supports them (a CPU with AMX /
@@ -295,19 +299,22 @@ def embed_block(block: dict, out_uri: str, cfg: LGFFConfig, model_uri: Optional[
         g0, g1 = (int(g) for g in unit["row_groups"])  # a kfp struct parameter turns ints into floats
         units += [(si, gi) for gi in range(g0, g1)]
     embedder = embedder or load_embedder(model_uri, cfg, baseline)
-    t0 = time.perf_counter()
-    meta, xb = _embed_units(embedder, data_uri, manifest, units, cfg.embed.batch_size, cfg.embed.num_workers,
-                            progress, f"{data_uri} block {block['block']}", cfg.data.max_pixels)
-    seconds = time.perf_counter() - t0
-    shards = []
-    if meta is not None and meta.num_rows:
-        name = "part-00000.parquet"
-        shards.append({"name": name, **write_embeddings_shard(storage.join(out_uri, name), _meta_to_table(meta, xb))})
-    out = write_embeddings_manifest(
-        out_uri, shards, embedder.dim, manifest.label_names, model=embedder.name,
-        model_fingerprint=embedder.fingerprint, source=str(data_uri).rstrip("/"),
-        source_fingerprint=manifest.source_fingerprint, is_baseline=embedder.name.startswith("baseline"),
-        block=int(block["block"]), block_units=block["units"])
+    with storage.lease(out_uri, owner=f"lgff embed block {block['block']} ({embedder.name})") as held:
+        t0 = time.perf_counter()
+        meta, xb = _embed_units(embedder, data_uri, manifest, units, cfg.embed.batch_size, cfg.embed.num_workers,
+                                progress, f"{data_uri} block {block['block']}", cfg.data.max_pixels)
+        seconds = time.perf_counter() - t0
+        shards = []
+        if meta is not None and meta.num_rows:
+            name = "part-00000.parquet"
+            shards.append({"name": name,
+                           **write_embeddings_shard(storage.join(out_uri, name), _meta_to_table(meta, xb))})
+        held.check()
+        out = write_embeddings_manifest(
+            out_uri, shards, embedder.dim, manifest.label_names, model=embedder.name,
+            model_fingerprint=embedder.fingerprint, source=str(data_uri).rstrip("/"),
+            source_fingerprint=manifest.source_fingerprint, is_baseline=embedder.name.startswith("baseline"),
+            block=int(block["block"]), block_units=block["units"])
     rows = out["num_rows"]
     logger.info("block %s: %d rows in %.1f s (%.1f img/s)", block["block"], rows, seconds, rows / max(seconds, 1e-9))
     return out
@@ -332,6 +339,13 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
     except ValueError as exc:
         raise LGFFError(f"--shard {shard[0]}/{shard[1]}: {exc}") from None
     embedder = embedder or load_embedder(model_uri, cfg, baseline)
+    with storage.lease(out_uri, owner=f"lgff embed ({embedder.name})") as held:
+        return _embed_dataset_leased(embedder, data_uri, manifest, block, out_uri, cfg, progress, publish, held)
+
+
+def _embed_dataset_leased(embedder: Embedder, data_uri: str, manifest, block: Sequence[int], out_uri: str,
+                          cfg: LGFFConfig, progress: Optional[Callable[[int], None]], publish: bool,
+                          held: storage.Lease) -> dict:
     root = _write_root(out_uri, embedder.fingerprint, manifest)
     if root != str(out_uri).rstrip("/") and not storage.exists(storage.join(root, DONE_DIR)):
         logger.info("%s holds embeddings with other settings: writing the new version beside them (%s); the old "
@@ -362,7 +376,7 @@ def embed_dataset(model_uri: Optional[str], data_uri: str, out_uri: str, cfg: LG
         seconds += dt
     published = False
     if publish:
-        published = finalize_embeddings(out_uri, data_uri, fingerprint=embedder.fingerprint, required=False) is not None
+        published = _finalize_leased(out_uri, data_uri, embedder.fingerprint, False, held) is not None
     return {"embedded": done, "skipped": skipped, "rows": rows, "seconds": seconds,
             "images_per_s": rows / seconds if seconds else None, "published": published, "model": embedder.name,
             "dim": embedder.dim, "bf16": embedder.bf16, "channels_last": embedder.channels_last}
@@ -376,11 +390,12 @@ def _shard_entry(name: str, marker: dict) -> dict:
 
 
 def _manifest_from_markers(out_uri: str, markers: Sequence[dict], data_manifest, data_uri: str,
-                           subdir: str = "") -> dict:
+                           held: storage.Lease, subdir: str = "") -> dict:
     fps = {m["fingerprint"] for m in markers}
     if len(fps) != 1:
         raise DataError(f"{out_uri}: shards were embedded with {len(fps)} different models/settings; re-embed")
     shards = [_shard_entry(storage.join(subdir, m["name"]) if subdir else m["name"], m) for m in markers]
+    held.check()
     return write_embeddings_manifest(
         out_uri, shards, markers[0]["dim"], data_manifest.label_names,
         model=markers[0]["model"], model_fingerprint=markers[0]["fingerprint"], source=str(data_uri).rstrip("/"),
@@ -394,6 +409,12 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
 
     Returns the manifest, or None (``required=False``) / `DataError` (``required=True``) when shards are missing.
     """
+    with storage.lease(out_uri, owner="lgff embed finalize") as held:
+        return _finalize_leased(out_uri, data_uri, fingerprint, required, held)
+
+
+def _finalize_leased(out_uri: str, data_uri: str, fingerprint: Optional[str], required: bool,
+                     held: storage.Lease) -> Optional[dict]:
     from ..data.shards import read_manifest
 
     manifest = read_manifest(data_uri)
@@ -419,7 +440,7 @@ def finalize_embeddings(out_uri: str, data_uri: str, fingerprint: Optional[str] 
         logger.info("%s: %d shard(s) still missing; manifest not written yet", out_uri, len(missing))
         return None
     subdir = root[len(out_uri):].strip("/")
-    out = _manifest_from_markers(out_uri, markers, manifest, data_uri, subdir)
+    out = _manifest_from_markers(out_uri, markers, manifest, data_uri, held, subdir)
     _remove_old_version(out_uri, old, root)
     logger.info("%s: manifest written (%d rows, %d shards)", out_uri, out["num_rows"], len(markers))
     return out
@@ -484,9 +505,11 @@ def collect_embeddings(part_uris: Iterable[str], out_uri: str) -> dict:
     if rows != manifest.num_rows:
         raise DataError(f"parts hold {rows} embeddings but {data_uri} has {manifest.num_rows} rows "
                         "(a block is missing or given twice)")
-    out = write_embeddings_manifest(
-        out_uri, shards, dim, manifest.label_names, model=model, model_fingerprint=fingerprint,
-        source=str(data_uri).rstrip("/"), source_fingerprint=manifest.source_fingerprint,
-        is_baseline=str(model).startswith("baseline"))
+    with storage.lease(out_uri, owner="lgff embed collect") as held:
+        held.check()
+        out = write_embeddings_manifest(
+            out_uri, shards, dim, manifest.label_names, model=model, model_fingerprint=fingerprint,
+            source=str(data_uri).rstrip("/"), source_fingerprint=manifest.source_fingerprint,
+            is_baseline=str(model).startswith("baseline"))
     logger.info("%s: manifest naming %d shard(s) of %d part(s), %d rows", out_uri, len(shards), len(part_uris), rows)
     return out

@@ -169,25 +169,27 @@ def render_grid(rgb: np.ndarray, maps: dict[str, np.ndarray], title: str) -> byt
 
     layers = sorted({k.split("/")[0] for k in maps}, key=lambda s: int(s.removeprefix("layer")))
     cols = ["image", *NODE_LABELS, COLLAPSE]
-    fig, axes = plt.subplots(len(layers), len(cols), figsize=(1.9 * len(cols), 2.0 * len(layers) + 0.5),
-                             squeeze=False)
-    for r, layer in enumerate(layers):
-        for c, col in enumerate(cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == "image":
-                ax.imshow(rgb)
-                ax.set_ylabel(layer, fontsize=9)
-            else:
-                ax.imshow(show_cam_on_image(rgb, maps[f"{layer}/{col}"], use_rgb=True, image_weight=0.55))
-            if r == 0:
-                ax.set_title(col, fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
+    # the title holds sample ids, class and file names: drawn as written, never parsed as math ('$' in a name)
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig, axes = plt.subplots(len(layers), len(cols), figsize=(1.9 * len(cols), 2.0 * len(layers) + 0.5),
+                                 squeeze=False)
+        for r, layer in enumerate(layers):
+            for c, col in enumerate(cols):
+                ax = axes[r][c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col == "image":
+                    ax.imshow(rgb)
+                    ax.set_ylabel(layer, fontsize=9)
+                else:
+                    ax.imshow(show_cam_on_image(rgb, maps[f"{layer}/{col}"], use_rgb=True, image_weight=0.55))
+                if r == 0:
+                    ax.set_title(col, fontsize=9)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
     return buf.getvalue()
 
 

@@ -168,7 +168,8 @@ def index_locations(index_uri: str, bundle, write: bool = True) -> pa.Table:
 
 
 class ImageLocator:
-    """Reads images of a dataset by (shard, row), one row group at a time."""
+    """Reads images of a dataset by (shard, row), one row group at a time, from shards verified against the
+    dataset manifest (`lgff_core.data.shards.open_shard`: streamed sha256, once per shard and process)."""
 
     def __init__(self, dataset_uri: str, manifest=None):
         from ..data.shards import read_manifest
@@ -181,12 +182,18 @@ class ImageLocator:
 
     def read(self, locations: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """Encoded image bytes for each (shard, row)."""
+        from ..data.shards import open_shard
+
         wanted: dict[int, set[int]] = {}
         for shard, row in locations:
             wanted.setdefault(int(shard), set()).add(int(row))
         out = {}
         for shard, rows in sorted(wanted.items()):
-            pf = pq.ParquetFile(storage.open_input_file(self.manifest.shard_uri(shard)))
+            if not 0 <= shard < self.manifest.num_shards:
+                raise DataError(f"{self.dataset_uri}: no shard {shard} (the dataset has {self.manifest.num_shards}); "
+                                "the index's locations are stale")
+            # checked against the manifest's sha256 (once per process): a rewritten shard would show other images
+            pf = open_shard(self.manifest, shard)
             offsets = self._offsets.get(shard)
             if offsets is None:
                 offsets = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
@@ -339,8 +346,10 @@ class Searcher:
 
     def search_vectors(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         from ..index import prepare_vectors, search
+        from ..index.core import check_not_empty
 
         index = self.bundle.index
+        check_not_empty(index, self.index_uri)
         if k > index.ntotal:
             raise IndexError_(f"k={k} is larger than the index ({index.ntotal} vectors)")
         return search(index, prepare_vectors(xq, self.metric, index.d, where="queries"), k)
