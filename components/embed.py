@@ -17,9 +17,10 @@ def embed(
     model_fingerprint: str = "",
     model: Optional[Input[Model]] = None,
 ):
-    """The model is ``model`` (a train output; its checkpoint lives in the artifact) or ``model_uri`` (imported by
-    URI; ``model_fingerprint`` from the scan task keys the cache); with neither, the GeM baseline. The block's rows
-    are streamed from the dataset's shards; the output shard goes to the bulk prefix, the artifact is its manifest."""
+    """The model is ``model`` (a train task's inference model: model.safetensors + model.json, all the launcher
+    downloads here) or ``model_uri`` (imported by URI, read directly; ``model_fingerprint`` from the scan task keys
+    the cache); with neither, the GeM baseline. The block's rows are streamed from the dataset's shards; the output
+    shard goes to the bulk prefix, the artifact is its manifest."""
     import os
     import tempfile
 

@@ -13,9 +13,9 @@ def explain(
     explain_dir: Output[Dataset],
     html: Output[HTML],
 ):
-    """``explain.num_queries`` queries of the indexed dataset's ``evaluate.query_split`` and their
-    ``explain.top`` hits; ``explain_dir`` holds the PNG grids, explain.json and explain.html (also copied to
-    ``html`` for the KFP UI)."""
+    """``model``: a train task's inference model (weights + model.json). ``explain.num_queries`` queries of the
+    indexed dataset's ``evaluate.query_split`` and their ``explain.top`` hits; ``explain_dir`` holds the PNG grids,
+    explain.json and explain.html (also copied to ``html`` for the KFP UI)."""
     import shutil
 
     from lgff_core.kfp.runtime import bulk_of, input_path, model_checkpoint_uri, run_cli, write_config

@@ -110,7 +110,9 @@ def build_pipeline(cfg: LGFFConfig):
             stage_uri, stage_fp = data_uri, data_fp
             if stage.data:  # the stage's own dataset: prepped (samples: / imagefolder:) or scanned by URI
                 stage_uri, stage_fp = dataset_source(cfg, stage.data, not is_prep_source(stage.data), stage.name)
-            kwargs = {"init": model.outputs["model"]} if model is not None else {}
+            # a stage continues from the previous one's training directory (its class weights too); the tasks
+            # below get the inference model only (`model`: weights + model.json)
+            kwargs = {"init": model.outputs["checkpoints"]} if model is not None else {}
             task = c.train(config_yaml=train_stage_config_yaml(cfg, i), stage_name=stage.name, data_uri=stage_uri,
                            data_fingerprint=stage_fp, nproc=max(1, cfg.pipeline.gpu_count), **kwargs)
             model = configure_task(task, cfg, "train", f"train-{i}-{stage.name}")

@@ -63,33 +63,50 @@ def _write_set(out: Path, rows=(3,), kind="embeddings", name="_manifest.json", *
     (out / name).write_text(json.dumps({"kind": kind, "num_rows": sum(rows), "shards": shards, **extra}))
 
 
-def test_train_chains_init_best_and_logs_last_epoch(tmp_path, calls):
+def _fake_export(argv):
+    """`lgff models export RUN --out DIR`: the run's best/ weights + sidecar, nothing else."""
+    out = Path(_arg(argv, "--out"))
+    out.mkdir(parents=True)
+    for name in ("model.safetensors", "model.json"):
+        (out / name).write_bytes((Path(argv[2]) / "best" / name).read_bytes())
+
+
+def test_train_chains_init_from_checkpoints_exports_the_model_and_logs_last_epoch(tmp_path, calls):
     prev = _checkpoint(tmp_path / "prev")
 
     def fake_train(argv):
         out = Path(_arg(argv, "--out"))
         _checkpoint(out)
+        (out / "last").mkdir()
+        (out / "last" / "optimizer.safetensors").write_bytes(b"adam" * 100)
         rows = [{"epoch": 0, "loss": 2.0}, {"epoch": 1, "loss": 1.5, "val_recall_at_1": 0.75, "note": "x"}]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    calls.effects["train"] = fake_train
+    calls.effects.update(train=fake_train, models=_fake_export)
     model = Model(uri=str(tmp_path / "model"))
+    checkpoints = Artifact(uri=str(tmp_path / "checkpoints"))
     metrics = Metrics(uri=str(tmp_path / "metrics"))
     c.train.python_func(config_yaml="train: {epochs: 1}\n", stage_name="b", data_uri="s3://b/d",
-                        data_fingerprint="f" * 64, model=model, metrics=metrics, nproc=2, init=Model(uri=str(prev)))
-    (argv,) = calls
+                        data_fingerprint="f" * 64, model=model, checkpoints=checkpoints, metrics=metrics, nproc=2,
+                        init=Artifact(uri=str(prev)))
+    argv, export = calls
     assert argv[0] == "train" and _arg(argv, "--data") == "s3://b/d" and _arg(argv, "--nproc") == "2"
-    assert _arg(argv, "--init") == str(prev / "best")
+    assert _arg(argv, "--init") == str(prev / "best") and _arg(argv, "--out") == checkpoints.path
     assert yaml.safe_load(Path(_arg(argv, "--config")).read_text()) == {"train": {"epochs": 1}}
+    # the inference model is exported from the training directory into the `model` output
+    assert export == ["models", "export", checkpoints.path, "--out", model.path]
+    assert sorted(p.name for p in Path(model.path).iterdir()) == ["model.json", "model.safetensors"]
     assert metrics.metadata == {"epoch": 1, "loss": 1.5, "val_recall_at_1": 0.75}
     assert json.loads(Path(metrics.path).read_text())["note"] == "x"  # the Metrics artifact exists as a file
     assert model.metadata["stage"] == "b" and len(model.metadata["digest"]) == 64
+    assert model.metadata["checkpoints"] == checkpoints.uri and checkpoints.metadata["stage"] == "b"
 
 
 def test_train_first_stage_has_no_init_and_one_process(tmp_path, calls):
-    calls.effects["train"] = lambda argv: _checkpoint(Path(_arg(argv, "--out")))
+    calls.effects.update(train=lambda argv: _checkpoint(Path(_arg(argv, "--out"))), models=_fake_export)
     c.train.python_func(config_yaml="{}", stage_name="a", data_uri=str(tmp_path / "d"), data_fingerprint="",
-                        model=Model(uri=str(tmp_path / "m")), metrics=Metrics(uri=str(tmp_path / "x")))
+                        model=Model(uri=str(tmp_path / "m")), checkpoints=Artifact(uri=str(tmp_path / "c")),
+                        metrics=Metrics(uri=str(tmp_path / "x")))
     assert "--init" not in calls[0] and "--nproc" not in calls[0]
 
 

@@ -95,6 +95,9 @@ def run_train_and_index_then_reindex(tmp_path, s3_env, images, source, executor=
     model_uri = train.outputs["model"][0]["uri"].replace("minio://", "s3://")
     model_bytes = _prefix_bytes(model_uri)
     _check_downloads(first, model_bytes)
+    # the model output is the inference model (no optimizer state, no last/): all an embed-model pod downloads
+    assert sorted(storage.basename(f) for f in storage.list_files(model_uri)) == ["model.json", "model.safetensors"]
+    assert {t.bytes_downloaded for t in first.by_display_name("embed-model")} == {model_bytes}
     (plan,) = first.by_display_name("plan")
     blocks = len(plan.parameters["Output"])
     assert len(first.by_display_name("embed-model")) == blocks == len(first.by_display_name("index-add-model"))

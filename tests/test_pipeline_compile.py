@@ -92,7 +92,7 @@ def test_compiled_pipeline(name, sharded, tmp_path, monkeypatch):
 
 
 def test_train_stages_chain_with_init(tmp_path, monkeypatch):
-    over = ["strategy=[{name: a}, {name: b, overrides: {loss.margin_deg: 17.2}}]"]
+    over = ["strategy=[{name: a}, {name: b, overrides: {loss.margin_deg: 17.2}}]", "explain.enabled=true"]
     _, docs = _compile("train_and_index", tmp_path, monkeypatch, over)
     spec = docs[0]
     tasks = dict(_all_tasks(spec))
@@ -101,6 +101,12 @@ def test_train_stages_chain_with_init(tmp_path, monkeypatch):
     assert "init" not in train_tasks["train-0-a"]["inputs"].get("artifacts", {})
     init = train_tasks["train-1-b"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]
     assert tasks[init["producerTask"]]["taskInfo"]["name"] == "train-0-a"
+    # init takes the training directory (class weights, for the next stage); every task that loads the model
+    # (the embed-model ParallelFor, explain) takes the inference model, the only thing its pods download
+    taken = {(t["taskInfo"]["name"], v["taskOutputArtifact"]["outputArtifactKey"])
+             for t in tasks.values() for v in t.get("inputs", {}).get("artifacts", {}).values()
+             if v.get("taskOutputArtifact", {}).get("producerTask", "").startswith("train")}
+    assert taken == {("train-1-b", "checkpoints"), ("embed-model", "model"), ("explain", "model")}
     # each train task gets a single-stage config with its own overrides applied
     cfg_b = yaml.safe_load(train_tasks["train-1-b"]["inputs"]["parameters"]["config_yaml"]["runtimeValue"]["constant"])
     assert cfg_b["loss"]["margin_deg"] == 17.2 and len(cfg_b["strategy"]) == 1

@@ -50,8 +50,9 @@ def test_train_and_index_runs_locally_then_hits_cache(tmp_path, source):
     assert names.count("embed-model") == 2 and names.count("embed-baseline") == 2  # the ParallelFor fan-out
     assert all(t.status == "executed" for t in first.tasks), [(t.display_name, t.status) for t in first.tasks]
 
-    # outputs are real: a checkpoint, both evaluations, a non-empty HTML report
-    assert (Path(first.outputs["model"]) / "best" / "model.safetensors").is_file()
+    # outputs are real: the inference model (weights + model.json, no training state), both evaluations, a
+    # non-empty HTML report
+    assert sorted(p.name for p in Path(first.outputs["model"]).iterdir()) == ["model.json", "model.safetensors"]
     assert "<" in Path(first.outputs["report"]).read_text()
     assert set(first.metrics) == {"model", "baseline"}
     for m in first.metrics.values():

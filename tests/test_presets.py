@@ -58,8 +58,8 @@ def test_cpu_twin_chain_runs_and_stage_two_starts_from_stage_one(tmp_path):
     assert {"prep", "prep-histolytics-tissue", "train-0-histolytics-tissue", "train-1-histolytics-nuclei",
             "report"} <= set(by_name)
     assert all(t.status == "executed" for t in result.tasks)
-    stage1 = Path(by_name["train-0-histolytics-tissue"].outputs["model"]) / "best"
-    stage2 = Path(by_name["train-1-histolytics-nuclei"].outputs["model"]) / "best"
+    stage1 = Path(by_name["train-0-histolytics-tissue"].outputs["checkpoints"]) / "best"
+    stage2 = Path(by_name["train-1-histolytics-nuclei"].outputs["checkpoints"]) / "best"
     meta1, meta2 = read_sidecar(str(stage1)), read_sidecar(str(stage2))
     assert meta1["class_names"] == ["stroma", "tumor-nest"]
     assert meta2["class_names"] == ["connective", "inflammatory", "neoplastic"]

@@ -1,5 +1,7 @@
-"""`lgff models summary|bench|fetch-weights`: parameters per part and output shapes; forward speed; hub weights to
-bake into the image (`make image BAKE_WEIGHTS=...`)."""
+"""`lgff models summary|bench|fetch-weights|export`: parameters per part and output shapes; forward speed; hub
+weights to bake into the image (`make image BAKE_WEIGHTS=...`); the inference model of a training run
+(`lgff models export RUN_OR_CHECKPOINT --out URI`: model.safetensors + model.json, no optimizer state, what embed /
+search / explain / serve need)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +32,12 @@ def register(subparsers) -> None:
     add_config_args(fetch, required=True)
     fetch.add_argument("--out", required=True, help="directory (the image's weights dir, /opt/lgff/weights)")
     fetch.set_defaults(func=run_fetch_weights)
+    export = sub.add_parser("export", help="write the inference model of a checkpoint (weights + model.json, no "
+                                           "optimizer or ArcFace state) for embed / search / explain / serve")
+    export.add_argument("checkpoint", help="checkpoint prefix, or a training output directory (its best/ is used)")
+    export.add_argument("--out", required=True, help="output prefix (model.safetensors + model.json, sidecar last)")
+    add_config_args(export)  # only its storage settings are used
+    export.set_defaults(func=run_export)
 
 
 def _fmt(n: int) -> str:
@@ -133,4 +141,14 @@ def run_fetch_weights(args: argparse.Namespace) -> int:
         print(f"{cfg.name}: model.backbone.weights={spec!r} is not a hub download; nothing to fetch")
         return 0
     print(f"{cfg.name}: {name} -> {save_timm_weights(name, args.out)}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..train.checkpoint import MODEL_FILE, export_model
+
+    load_args_config(args)
+    sidecar = export_model(args.checkpoint, args.out)
+    print(f"{sidecar.get('name')}: epoch {sidecar.get('epoch')}, {sidecar['files'][MODEL_FILE]['bytes']} bytes of "
+          f"weights -> {args.out}")
     return 0

@@ -96,7 +96,8 @@ def _device(cfg: LGFFConfig) -> torch.device:
 
 def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[str] = None,
                   device: Optional[torch.device] = None, weights: Optional[str] = None) -> Embedder:
-    """The LGFF model from a checkpoint prefix, or (``baseline="gem-last"``) the frozen backbone + GeM."""
+    """The LGFF model from an inference model, a checkpoint prefix or a training output directory (its best/),
+    or (``baseline="gem-last"``) the frozen backbone + GeM."""
     device = device or _device(cfg)
     trained_size = None  # a checkpoint embeds at the size it was trained at unless embed.image_size says otherwise
     if baseline is not None:
@@ -111,13 +112,14 @@ def load_embedder(model_uri: Optional[str], cfg: LGFFConfig, baseline: Optional[
     else:
         if not model_uri:
             raise LGFFError("embed needs --model CHECKPOINT_URI or --baseline gem-last")
-        from ..train.checkpoint import load_model_from_checkpoint
+        from ..train.checkpoint import load_model_from_checkpoint, weights_identity
 
         model, meta = load_model_from_checkpoint(model_uri, device="cpu")
         name = meta.get("name") or str(model_uri).rstrip("/")
-        # content only (the sidecar's per-file sha256), never the path: pipeline tasks load the same checkpoint
-        # from different pod-local copies, and their outputs must agree on the model
-        ident = {"files": meta.get("files"), "epoch": meta.get("epoch")}
+        # content only (the weights' sha256 + architecture), never the path or the training state: pipeline tasks
+        # load the same model from different pod-local copies, and a checkpoint and its inference model
+        # (`lgff models export`) embed alike, so their outputs must agree on the model
+        ident = weights_identity(meta)
         trained_size = ((meta.get("config") or {}).get("train") or {}).get("image_size")
     model.eval().to(device)
     speed = resolve_speed_options(cfg, device)

@@ -13,9 +13,18 @@ whose listed files match their sha256 is complete; anything else is refused (`Ch
 half-way (``last/``, ``best/``) therefore leaves an incomplete prefix, never a mixture, and `repair_published`
 redoes it on resume from the resume point, which is always complete. Only safetensors
 are read: pickled checkpoints (.pt / .pth / .ckpt / .bin / torch zip archives) are refused, nothing is unpickled.
+
+An *inference model* (`export_model`; format ``lgff-model/1``) is the same layout reduced to what embed, search,
+explain, serve and detection evaluation load: ``model.safetensors`` (byte for byte the checkpoint's) and a
+``model.json`` without the optimizer / schedule state, plus the preprocessing and the source checkpoint's digest.
+No ArcFace class weights (`loss.safetensors`): no descriptor depends on them. It is what the pipelines pass to
+those tasks, since the KFP launcher downloads a task's input artifact whole; the training directory (``last/``,
+``best/``, ``metrics.jsonl``) stays the separate artifact that ``--init`` / ``--resume`` read. Every loader here
+takes either form.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +40,7 @@ from ..errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "MODEL_FORMAT",
     "MODEL_FILE",
     "LOSS_FILE",
     "OPTIMIZER_FILE",
@@ -46,11 +56,14 @@ __all__ = [
     "checkpoint_prefix",
     "load_model_from_checkpoint",
     "backbone_weights_id",
+    "export_model",
+    "weights_identity",
 ]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "lgff-checkpoint/1"
+MODEL_FORMAT = "lgff-model/1"  # an inference model (`export_model`): weights + description, no training state
 MODEL_FILE = "model.safetensors"
 LOSS_FILE = "loss.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -59,6 +72,8 @@ SIDECAR_FILE = "model.json"
 BEST_DIR = "best"
 _LOGGED_RUN_DIRS: set[str] = set()
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar")
+# sidecar entries only a resume reads: left out of an inference model
+_TRAINING_STATE_KEYS = ("optimizer", "schedule")
 
 
 def _refuse_pickle(uri: str) -> None:
@@ -93,6 +108,26 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def _sidecar_bytes(sidecar: dict[str, Any]) -> bytes:
+    return json.dumps(sidecar, indent=1, sort_keys=True, default=_json_default).encode()
+
+
+def _publish(prefix: str, payload: dict[str, Any], sidecar: bytes) -> None:
+    """Write `payload` (file name -> bytes, or a function reading them when needed; None deletes a stale file of
+    that name) under `prefix` between removing the sidecar and writing `sidecar`, so the prefix reads as incomplete
+    until every file is in place."""
+    sidecar_uri = storage.join(prefix, SIDECAR_FILE)
+    if storage.exists(sidecar_uri):  # mark the prefix incomplete before any tensor file changes
+        storage.delete(sidecar_uri)
+    for name, data in payload.items():
+        uri = storage.join(prefix, name)
+        if data is not None:
+            storage.write_bytes(uri, data() if callable(data) else data)
+        elif storage.exists(uri):
+            storage.delete(uri)
+    storage.write_bytes(sidecar_uri, sidecar)
+
+
 def save_checkpoint(
     prefix: str,
     model_state: dict[str, torch.Tensor],
@@ -102,21 +137,12 @@ def save_checkpoint(
 ) -> dict[str, Any]:
     """Write a checkpoint under `prefix`; the sidecar (meta + file hashes) is published last. Returns the sidecar."""
     prefix = str(prefix).rstrip("/")
-    sidecar_uri = storage.join(prefix, SIDECAR_FILE)
-    if storage.exists(sidecar_uri):  # mark the prefix incomplete before any tensor file changes
-        storage.delete(sidecar_uri)
-    files: dict[str, dict[str, Any]] = {}
-    for name, tensors in ((MODEL_FILE, model_state), (LOSS_FILE, loss_state), (OPTIMIZER_FILE, optimizer_tensors)):
-        uri = storage.join(prefix, name)
-        if tensors is None:
-            if storage.exists(uri):
-                storage.delete(uri)
-            continue
-        data = st_save(_contiguous(tensors))
-        storage.write_bytes(uri, data)
-        files[name] = {"sha256": _sha256(data), "bytes": len(data)}
+    payload = {name: None if tensors is None else st_save(_contiguous(tensors))
+               for name, tensors in ((MODEL_FILE, model_state), (LOSS_FILE, loss_state),
+                                     (OPTIMIZER_FILE, optimizer_tensors))}
+    files = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in payload.items() if data is not None}
     sidecar = {"format": CHECKPOINT_FORMAT, **meta, "files": files}
-    storage.write_text(sidecar_uri, json.dumps(sidecar, indent=1, sort_keys=True, default=_json_default))
+    _publish(prefix, payload, _sidecar_bytes(sidecar))
     log.debug("checkpoint written to %s (%s)", prefix, ", ".join(files))
     return sidecar
 
@@ -144,9 +170,9 @@ def read_sidecar(uri: str) -> dict[str, Any]:
                                   f"which are not loaded; expected {MODEL_FILE} + {SIDECAR_FILE}")
         raise CheckpointError(f"{prefix}: no {SIDECAR_FILE}: not a checkpoint, or an incomplete one")
     meta = storage.read_json(sidecar_uri, error=CheckpointError)
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise CheckpointError(f"{sidecar_uri}: not an LGFF checkpoint sidecar (format {meta.get('format')!r}, "
-                              f"expected {CHECKPOINT_FORMAT!r})" if isinstance(meta, dict) else
+                              f"expected {CHECKPOINT_FORMAT!r} or {MODEL_FORMAT!r})" if isinstance(meta, dict) else
                               f"{sidecar_uri}: not an LGFF checkpoint sidecar")
     if MODEL_FILE not in meta.get("files", {}):
         raise CheckpointError(f"{sidecar_uri}: lists no {MODEL_FILE}")
@@ -177,9 +203,7 @@ def load_tensors(uri: str, name: str = MODEL_FILE, meta: Optional[dict] = None,
     if info is None:
         raise CheckpointError(f"{prefix}: checkpoint has no {name}")
     file_uri = storage.join(prefix, name)
-    data = storage.read_bytes(file_uri)
-    if _sha256(data) != info["sha256"]:
-        raise CheckpointError(f"{file_uri}: sha256 does not match {SIDECAR_FILE} (corrupt or modified)")
+    data = _verified_bytes(prefix, name, meta)
     try:
         tensors = st_load(data)
     except (SafetensorError, Exception) as exc:  # safetensors raises several types on foreign bytes
@@ -187,19 +211,22 @@ def load_tensors(uri: str, name: str = MODEL_FILE, meta: Optional[dict] = None,
     return {k: v.to(device) for k, v in tensors.items()}
 
 
+def _verified_bytes(prefix: str, name: str, meta: dict) -> bytes:
+    file_uri = storage.join(prefix, name)
+    data = storage.read_bytes(file_uri)
+    if _sha256(data) != meta["files"][name]["sha256"]:
+        raise CheckpointError(f"{file_uri}: sha256 does not match {SIDECAR_FILE} (corrupt or modified)")
+    return data
+
+
 def copy_checkpoint(src: str, dst: str) -> None:
     """Copy a complete checkpoint; the destination's sidecar is removed first and written last."""
     meta = read_sidecar(src)
-    dst = str(dst).rstrip("/")
-    sidecar_uri = storage.join(dst, SIDECAR_FILE)
-    if storage.exists(sidecar_uri):
-        storage.delete(sidecar_uri)
-    for name in (MODEL_FILE, LOSS_FILE, OPTIMIZER_FILE):
-        if name in meta["files"]:
-            storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
-        elif storage.exists(storage.join(dst, name)):
-            storage.delete(storage.join(dst, name))
-    storage.write_bytes(sidecar_uri, storage.read_bytes(storage.join(checkpoint_prefix(src), SIDECAR_FILE)))
+    prefix = checkpoint_prefix(src)
+    # one file in memory at a time (an optimizer state is twice the weights)
+    payload = {name: functools.partial(storage.read_bytes, storage.join(prefix, name)) if name in meta["files"]
+               else None for name in (MODEL_FILE, LOSS_FILE, OPTIMIZER_FILE)}
+    _publish(str(dst).rstrip("/"), payload, storage.read_bytes(storage.join(prefix, SIDECAR_FILE)))
 
 
 def _epoch_of(prefix: str) -> Optional[int]:
@@ -278,7 +305,7 @@ def backbone_weights_id(model, cfg) -> Optional[str]:
 
 
 def load_model_from_checkpoint(uri: str, device: str | torch.device = "cpu"):
-    """Rebuild the embedding model from a checkpoint's sidecar config and load its trained weights.
+    """Rebuild the model from a checkpoint's (or an inference model's) sidecar config and load its trained weights.
 
     The frozen backbone is rebuilt from the config's weights source and must hash to the weights the checkpoint
     was trained on. Returns `(model, meta)`, model in eval mode on `device`.
@@ -310,3 +337,48 @@ def load_model_from_checkpoint(uri: str, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{prefix}: weights do not fit the model built from its config ({exc})") from None
     model.to(device).eval()
     return model, meta
+
+
+# ----------------------------------------------------------------------------------------------- inference model
+
+
+def export_model(src: str, dst: str) -> dict[str, Any]:
+    """Write the inference model of checkpoint `src` (a prefix, or a training output directory: its ``best/``) to
+    `dst`: ``model.safetensors`` copied byte for byte (sha256 checked) and a ``model.json`` of format
+    ``lgff-model/1`` holding the checkpoint's description (config, backbone, class names, embedding dim, epoch,
+    metrics) without its optimizer / schedule state, plus ``preprocess`` (the input transform: the backbone's
+    mean / std / interpolation / crop_pct and the trained image size) and the source checkpoint's sidecar digest.
+    The model is rebuilt and its weights loaded first, so nothing that does not load is published. Sidecar last,
+    like a checkpoint. Returns the new sidecar."""
+    prefix = checkpoint_prefix(src)
+    model, meta = load_model_from_checkpoint(prefix)
+    weights = _verified_bytes(prefix, MODEL_FILE, meta)
+    source_sidecar = storage.read_bytes(storage.join(prefix, SIDECAR_FILE))
+    sidecar = {k: v for k, v in meta.items() if k not in _TRAINING_STATE_KEYS}
+    # an inference model exported again keeps naming the training checkpoint it came from
+    source = meta.get("checkpoint") if meta["format"] == MODEL_FORMAT else None
+    sidecar.update(format=MODEL_FORMAT, files={MODEL_FILE: meta["files"][MODEL_FILE]},
+                   preprocess=_preprocess(model, meta),
+                   checkpoint=source or {"epoch": meta.get("epoch"), "sidecar_sha256": _sha256(source_sidecar)})
+    _publish(str(dst).rstrip("/"), {MODEL_FILE: weights, LOSS_FILE: None, OPTIMIZER_FILE: None},
+             _sidecar_bytes(sidecar))
+    log.info("inference model of %s (epoch %s, %d bytes of weights) written to %s", prefix, meta.get("epoch"),
+             len(weights), dst)
+    return sidecar
+
+
+def _preprocess(model, meta: dict[str, Any]) -> dict[str, Any]:
+    """The input transform the model was trained with (recorded for consumers outside lgff; lgff rebuilds it)."""
+    backbone = getattr(model, "frozen_backbone", None)
+    backbone = model.backbone if backbone is None else backbone  # detection: MaskRCNN.backbone is the neck
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()}
+    trained = ((meta.get("config") or {}).get("train") or {}).get("image_size")
+    return {**data_config, "image_size": int(trained or data_config["input_size"][-1])}
+
+
+def weights_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the outputs of a loaded model depend on: its trained weights' sha256, the architecture config and the
+    frozen backbone's weights. Equal for a checkpoint and its inference model (`export_model`)."""
+    arch = json.dumps((meta.get("config") or {}).get("model"), sort_keys=True, default=str)
+    return {"weights": meta["files"][MODEL_FILE]["sha256"], "model_config": _sha256(arch.encode()),
+            "backbone": (meta.get("backbone") or {}).get("weights_hash")}
