@@ -1,7 +1,8 @@
 """index: faiss index over an embeddings set, one shot (`lgff index build`) or sharded, faiss-contrib style
 (`lgff index train` on a sample -> `lgff index add` per plan block -> `lgff index merge`), or appended to an existing
 index (`lgff index add --to`). faiss files go to the bulk prefix; each artifact is the stage's JSON manifest
-(``index.json`` / ``partial.json``) naming them."""
+(``index.json`` / ``partial.json``) naming them. The partials reach the merge as parameters (each add task's bulk
+prefix), for the reason `components.embed` gives for collect."""
 from typing import List
 
 from kfp import dsl
@@ -31,9 +32,10 @@ def index_train(config_yaml: str, embeddings: Input[Dataset], trained: Output[Ar
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
-def index_add(block: dict, trained: Input[Artifact], embeddings: Input[Dataset], partial: Output[Artifact]):
+def index_add(block: dict, trained: Input[Artifact], embeddings: Input[Dataset], partial: Output[Artifact]) -> str:
     """Partial index over plan block ``block``: collect lists one embeddings shard per block, in block order, so
-    the block is shard ``block`` of as many as the collected manifest lists."""
+    the block is shard ``block`` of as many as the collected manifest lists. Returns the bulk prefix (what the
+    merge reads)."""
     from lgff_core.kfp.runtime import (bulk_of, bulk_uri, dataset_facts, input_path, publish_pointer,
                                             read_pointer, run_cli)
 
@@ -42,15 +44,16 @@ def index_add(block: dict, trained: Input[Artifact], embeddings: Input[Dataset],
     run_cli(["index", "add", "--trained", bulk_of(trained, "index.json"), "--embeddings", input_path(embeddings),
              "--shard", f"{int(block['block'])}/{num_blocks}", "--out", bulk])
     partial.metadata.update(dataset_facts(publish_pointer(partial, bulk, "partial.json")))
+    return bulk
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
-def index_merge(trained: Input[Artifact], partials: List[Artifact], index: Output[Artifact]):
+def index_merge(trained: Input[Artifact], partials: List[str], index: Output[Artifact]):
+    """`partials`: the add tasks' bulk prefixes (their outputs, collected over the ParallelFor)."""
     from lgff_core.kfp.runtime import bulk_of, bulk_uri, dataset_facts, publish_pointer, run_cli
 
     bulk = bulk_uri(index)
-    run_cli(["index", "merge", "--trained", bulk_of(trained, "index.json"), "--partials",
-             *[bulk_of(p, "partial.json") for p in partials], "--out", bulk])
+    run_cli(["index", "merge", "--trained", bulk_of(trained, "index.json"), "--partials", *partials, "--out", bulk])
     index.metadata.update(dataset_facts(publish_pointer(index, bulk, "index.json")))
 
 

@@ -1,5 +1,5 @@
 """scan and plan: content fingerprints of imported sources (`lgff scan`) and the run-time fan-out (`lgff plan`)."""
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
 
@@ -37,10 +37,12 @@ def scan(data_uri: str, model_uri: str = "", mode: str = "rebuild", base_index_u
 
 
 @dsl.component(base_image=LGFF_IMAGE, install_kfp_package=False)
-def plan(data_uri: str, data_fingerprint: str, rows_per_task: int) -> list:
+def plan(data_uri: str, data_fingerprint: str, rows_per_task: int) -> List[dict]:
     """Work blocks of about ``rows_per_task`` rows of the dataset (the items of the embed / index-add ParallelFor;
-    a single output, the form kfp.local can iterate over). ``data_fingerprint`` only enters the cache key: a
-    changed dataset is planned again."""
+    a single output, the form kfp.local can iterate over). Typed ``List[dict]``, not ``list``: the SDK types the
+    loop item after it (STRUCT, as ``block`` is declared where it is used); a STRING item would reach the tasks as
+    JSON text, which KFP's driver refuses for a STRUCT input (DESIGN.md section 7). ``data_fingerprint`` only enters
+    the cache key: a changed dataset is planned again."""
     import json
     import os
     import tempfile

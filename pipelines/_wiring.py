@@ -20,7 +20,8 @@ def configure_task(task: dsl.PipelineTask, cfg: LGFFConfig, stage: str, display_
     """Image, display name, caching, retries, resources; for GPU stages with ``pipeline.gpu_count`` > 0 the GPU
     image, GPU request, node selector and toleration (CPU presets set gpu_count 0 and request none); the object
     store's endpoint / region from the config and its credentials from the Kubernetes Secret named
-    ``pipeline.s3_secret`` (referenced by name, never a value); the pipeline root (where the bulk data goes)."""
+    ``pipeline.s3_secret`` (referenced by name, never a value); a local pipeline root (kfp.local: where the bulk
+    data goes; a cluster run's tasks read their root off their output URIs, `lgff_core.kfp.runtime`)."""
     p = cfg.pipeline
     gpu = stage in GPU_STAGES and p.gpu_count > 0
     task.set_container_image(p.gpu_image if gpu else p.image)
@@ -44,7 +45,8 @@ def configure_task(task: dsl.PipelineTask, cfg: LGFFConfig, stage: str, display_
             kubernetes.add_node_selector(task, label_key=label, label_value=value)
         if p.gpu_toleration_key:
             kubernetes.add_toleration(task, key=p.gpu_toleration_key, operator="Exists", effect="NoSchedule")
-    task.set_env_variable(PIPELINE_ROOT_ENV, p.pipeline_root)
+    if pipeline_root_for(cfg) is None:  # a cluster run's root is chosen at run time, never compiled in
+        task.set_env_variable(PIPELINE_ROOT_ENV, p.pipeline_root)
     if p.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint)
     if p.s3_region:

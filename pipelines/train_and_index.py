@@ -66,7 +66,8 @@ def embed_fanout(cfg: LGFFConfig, plan: dsl.PipelineTask, label: str, model=None
         elif model_uri is not None:
             kwargs.update(model_uri=model_uri, model_fingerprint=model_fingerprint)
         task = configure_task(c.embed(config_yaml=embed_cfg, block=block, **kwargs), cfg, "embed", f"embed-{label}")
-    collect = c.collect_embeddings(parts=dsl.Collected(task.outputs["embeddings"]))
+    # the blocks' bulk prefixes as a parameter list, not their artifacts (components.embed says why)
+    collect = c.collect_embeddings(parts=dsl.Collected(task.outputs["Output"]))
     return configure_task(collect, cfg, "report", f"collect-embeddings-{label}")
 
 
@@ -82,7 +83,7 @@ def index_tasks(cfg: LGFFConfig, embeddings, plan: dsl.PipelineTask, label: str)
                          name=f"index-add-{label}") as block:
         add = c.index_add(block=block, trained=trained.outputs["trained"], embeddings=embeddings)
         configure_task(add, cfg, "index", f"index-add-{label}")
-    merge = c.index_merge(trained=trained.outputs["trained"], partials=dsl.Collected(add.outputs["partial"]))
+    merge = c.index_merge(trained=trained.outputs["trained"], partials=dsl.Collected(add.outputs["Output"]))
     return configure_task(merge, cfg, "index", f"index-merge-{label}")
 
 

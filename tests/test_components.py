@@ -115,7 +115,8 @@ def test_embed_writes_bulk_and_a_pointer(root, tmp_path, calls):
     calls.effects["embed"] = lambda argv: _write_set(Path(_arg(argv, "--out")), rows=(4,), block=1)
     block = {"block": 1.0, "dataset": "s3://b/d", "rows": 4, "units": []}
     emb = _out(root, "embed")
-    c.embed.python_func(config_yaml="{}", block=block, embeddings=emb, model=Model(uri=str(ckpt)))
+    assert c.embed.python_func(config_yaml="{}", block=block, embeddings=emb, model=Model(uri=str(ckpt))) == \
+        str(root / ".bulk" / "run" / "embed" / "out")  # the bulk prefix: what collect gets
     c.embed.python_func(config_yaml="{}", block=block, embeddings=_out(root, "embed-2"), model_uri=str(ckpt),
                         model_fingerprint="abc")
     base = _out(root, "embed-3")
@@ -147,9 +148,10 @@ def test_index_sharded_argv(root, calls):
     trained = _out(root, "train", Artifact)
     c.index_train.python_func(config_yaml="{}", embeddings=emb, trained=trained)
     parts = [_out(root, f"add-{i}", Artifact) for i in range(2)]
-    for i, part in enumerate(parts):
-        c.index_add.python_func(block={"block": float(i + 2)}, trained=trained, embeddings=emb, partial=part)
-    c.index_merge.python_func(trained=trained, partials=parts, index=_out(root, "merge", Artifact))
+    bulks = [c.index_add.python_func(block={"block": float(i + 2)}, trained=trained, embeddings=emb, partial=part)
+             for i, part in enumerate(parts)]
+    assert bulks == [str(root / ".bulk" / "run" / f"add-{i}" / "out") for i in range(2)]  # what the merge gets
+    c.index_merge.python_func(trained=trained, partials=bulks, index=_out(root, "merge", Artifact))
     train, add, _, merge = calls
     assert _arg(train, "--embeddings") == emb.path  # the manifest's local copy; shards are read by URI
     assert add[:2] == ["index", "add"] and _arg(add, "--shard") == "2/4"  # one embeddings shard per block
@@ -253,12 +255,15 @@ def test_run_cli_raises_on_nonzero_exit():
 
 
 def test_bulk_uri_is_outside_the_artifact(monkeypatch, tmp_path):
-    monkeypatch.setenv(pipeline_runtime.PIPELINE_ROOT_ENV, "s3://bucket/root")
-    a = Dataset(uri="s3://bucket/root/lgff-reindex/run-1/embed/embeddings")
-    assert pipeline_runtime.bulk_uri(a) == "s3://bucket/root/.bulk/lgff-reindex/run-1/embed/embeddings"
-    assert pipeline_runtime.bulk_uri(Dataset(uri="minio://bucket/root/p/r/t/o")) == "s3://bucket/root/.bulk/p/r/t/o"
-    # a root given at submit time (not the compiled one): the bucket is the root
-    assert pipeline_runtime.bulk_uri(Dataset(uri="s3://other/x/p/r/t/o")) == "s3://other/.bulk/x/p/r/t/o"
+    # KFP's driver places outputs at <root>/<pipeline>/<run id>/<task>/<uuid>/<output>, under the run's root (its
+    # runtime config / kfp-launcher ConfigMap / KFP default), whatever root a task's env names
+    monkeypatch.setenv(pipeline_runtime.PIPELINE_ROOT_ENV, "s3://bucket/compiled-root")
+    a = Dataset(uri="s3://bucket/run-root/lgff-reindex/run-1/embed/0f3a/embeddings")
+    assert pipeline_runtime.bulk_uri(a) == "s3://bucket/run-root/.bulk/lgff-reindex/run-1/embed/0f3a/embeddings"
+    assert pipeline_runtime.bulk_uri(Dataset(uri="minio://mlpipeline/v2/artifacts/p/r/t/u/o")) == \
+        "s3://mlpipeline/v2/artifacts/.bulk/p/r/t/u/o"
+    assert pipeline_runtime.bulk_uri(Dataset(uri="s3://other/p/r/t/u/o")) == "s3://other/.bulk/p/r/t/u/o"
+    assert pipeline_runtime.bulk_uri(Dataset(uri="s3://other/t/o")) == "s3://other/.bulk/t/o"  # not driver-placed
     monkeypatch.delenv(pipeline_runtime.PIPELINE_ROOT_ENV)
     local = Dataset(uri=str(tmp_path / "root" / "run-1" / "embed" / "embeddings"))
     assert pipeline_runtime.bulk_uri(local) == str(tmp_path / "root" / ".bulk" / "run-1" / "embed" / "embeddings")

@@ -51,8 +51,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Set on every task by the pipelines (the compiled pipeline root; kfp.local runs set the run's root)
+# Set on every task by the pipelines when the configured root is local (kfp.local: the run's root). A cluster run's
+# root is chosen at run time (its runtime config, else the namespace's kfp-launcher ConfigMap, else KFP's default),
+# so there the root is read off the output artifact's URI instead (`_root_and_rest`).
 PIPELINE_ROOT_ENV = "LGFF_PIPELINE_ROOT"
+# KFP's driver places every output artifact at <root>/<pipeline name>/<run id>/<task name>/<uuid>/<output name>
+# (kubeflow/pipelines backend/src/v2: metadata.GetPipeline + driver.provisionOutputs); kfp.local at
+# <root>/<pipeline run>/<task name>/<output name>
+_KFP_OUTPUT_DEPTH = 5
+_LOCAL_OUTPUT_DEPTH = 3
 BULK_DIR = ".bulk"
 # manifests whose shard entries are rewritten to absolute URIs, so any lgff reader can open the local copy
 _SHARDED_MANIFESTS = ("_manifest.json",)
@@ -65,23 +72,26 @@ def object_uri(artifact: Any) -> str:
 
 
 def _root_and_rest(uri: str) -> tuple[str, str]:
-    """(pipeline root, path of `uri` below it). The root comes from ``LGFF_PIPELINE_ROOT`` when it prefixes the
-    URI; otherwise (a root given at submit time) the bucket for object stores, or the kfp.local layout
-    ``<root>/<run>/<task>/<output>`` for local paths."""
-    root = os.environ.get(PIPELINE_ROOT_ENV, "").rstrip("/")
-    if root and not storage.is_local(root) and root.startswith("minio://"):
-        root = "s3://" + root[len("minio://"):]
-    if root and storage.is_local(root) and storage.is_local(uri):
-        root, uri = storage.local_path(root), storage.local_path(uri)
-    if root and uri.startswith(root + "/"):
-        return root, uri[len(root) + 1:]
+    """(pipeline root, path of `uri` below it) of an output artifact. An object-store URI was placed by KFP's
+    driver: its root is the URI less the driver's five trailing segments, whatever root the run was given (the
+    compiled spec's ``defaultPipelineRoot`` is never used by KFP). A local path (kfp.local): ``LGFF_PIPELINE_ROOT``
+    when it prefixes the path, else the kfp.local layout ``<root>/<run>/<task>/<output>``."""
     if not storage.is_local(uri):
         scheme, _, rest = uri.partition("://")
         bucket, _, key = rest.partition("/")
-        return f"{scheme}://{bucket}", key
+        parts = [p for p in key.split("/") if p]
+        if len(parts) < _KFP_OUTPUT_DEPTH:  # not a driver-placed output: its bucket is the root
+            return f"{scheme}://{bucket}", key
+        return (f"{scheme}://" + "/".join([bucket, *parts[:-_KFP_OUTPUT_DEPTH]]),
+                "/".join(parts[-_KFP_OUTPUT_DEPTH:]))
     path = storage.local_path(uri)
+    root = os.environ.get(PIPELINE_ROOT_ENV, "").rstrip("/")
+    if root and storage.is_local(root):
+        root = storage.local_path(root)
+        if path.startswith(root + "/"):
+            return root, path[len(root) + 1:]
     parts = path.rstrip("/").split("/")
-    return "/".join(parts[:-3]) or "/", "/".join(parts[-3:])
+    return "/".join(parts[:-_LOCAL_OUTPUT_DEPTH]) or "/", "/".join(parts[-_LOCAL_OUTPUT_DEPTH:])
 
 
 def bulk_uri(artifact: Any) -> str:

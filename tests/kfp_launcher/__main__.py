@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .driver import LATEST_BACKEND
 from .runner import EXECUTORS, TaskFailed, UnsupportedFeature, run_pipeline
 
 
@@ -23,7 +24,12 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.kfp_launcher", description=__doc__.split("\n\n")[0])
     ap.add_argument("package", help="compiled pipeline YAML")
-    ap.add_argument("--pipeline-root", help="s3://bucket/prefix (default: the spec's defaultPipelineRoot)")
+    ap.add_argument("--pipeline-root", help="the run's runtime config pipeline_root, s3://bucket/prefix (default: the "
+                    "--launcher-config defaultPipelineRoot, else minio://mlpipeline/v2/artifacts; never the spec's)")
+    ap.add_argument("--launcher-config", action="append", default=[],
+                    help="KEY=VALUE of the namespace's kfp-launcher ConfigMap, e.g. defaultPipelineRoot=s3://b/root")
+    ap.add_argument("--backend-version", default=LATEST_BACKEND,
+                    help=f"KFP backend whose version-dependent driver rules apply (default {LATEST_BACKEND})")
     ap.add_argument("--executor", choices=EXECUTORS, default="subprocess")
     ap.add_argument("--image", help="image every task runs in (docker executor)")
     ap.add_argument("--cache", help="JSON cache file (artifact ids + executions); a rerun with it hits the cache")
@@ -42,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --secret {ref!r}: expected SECRET.KEY=VALUE")
         secrets.setdefault(name, {})[key] = value
     try:
-        result = run_pipeline(args.package, pipeline_root=args.pipeline_root, arguments=_pairs(args.arg, "--arg"),
+        result = run_pipeline(args.package, pipeline_root=args.pipeline_root,
+                              launcher_config=_pairs(args.launcher_config, "--launcher-config") or None,
+                              backend_version=args.backend_version, arguments=_pairs(args.arg, "--arg"),
                               executor=args.executor, image=args.image, cache_path=args.cache,
                               env=_pairs(args.env, "--env"), secrets=secrets, run_id=args.run_id,
                               s3_endpoint=args.s3_endpoint, keep_sandboxes=args.keep_sandboxes)

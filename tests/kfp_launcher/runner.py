@@ -7,13 +7,21 @@ What it emulates (kubeflow/pipelines ``backend/src/v2``: ``driver/``, ``componen
   condition is evaluated on the task's inputs), ``ParallelFor`` over a literal list or over a parameter (a task
   output: a JSON list of primitives or dicts; ``parseJson(string_value)["key"]`` item selectors), ``dsl.Collected``
   of parameters (a list) and artifacts (an artifact list), ``dsl.OneOf``;
+- the driver's rules (`driver`, each naming its Go function): the run's pipeline root from its runtime config, else
+  a ``kfp-launcher`` ConfigMap fixture, else KFP's default, never the spec's; every DAG, iteration and container
+  driver validates and converts its input parameters against the component's types (a failure raises
+  `DriverFailed`, the task's pod never starts); a ``dsl.OneOf`` of artifacts as the `backend_version` resolves it
+  (2.17: the branch that ran; older: always the last branch);
 - per container task, what the driver resolves: input parameters / artifacts, output artifact URIs
   ``<pipeline_root>/<pipeline name>/<run id>/<task name>/<uuid>/<output name>`` (the driver's ``provisionOutputs``),
   output parameter files ``/tmp/kfp/outputs/<name>``, the executor output file
   ``<local task root>/output_metadata.json``;
   the container's env, and ``secretAsEnv`` of the kubernetes platform spec from a dict of fake secrets;
 - the launcher, in the task's own sandbox or container (`shim.py`): every input artifact downloaded to
-  ``/s3/<bucket>/<key>`` (``/minio/...``), the placeholders substituted (``{{$}}`` with component defaults added,
+  ``/s3/<bucket>/<key>`` (``/minio/...``) through the object-store sessions ``fetchNonDefaultBuckets`` opens (the
+  run's root, plus the bucket of each input list's *first* artifact when it lies outside the run's root: a later
+  artifact of another run fails the task with ``failed to get bucket when downloading input artifact``), the
+  placeholders substituted (``{{$}}`` with component defaults added,
   ``{{$.inputs.parameters['x']}}``, ``{{$.inputs.artifacts['x'].uri|path}}``, ``{{$.outputs.artifacts['x'].uri|path}}``,
   ``{{$.outputs.parameters['x'].output_file}}``), the command run, every output's local path uploaded to its URI,
   output metadata merged from the executor output, output parameters read from the executor output or their files;
@@ -62,11 +70,12 @@ from google.protobuf import json_format, struct_pb2
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2 as pb
 
-from . import shim
+from . import driver, shim
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "TaskFailed", "TaskRecord", "UnsupportedFeature", "parse_pipeline_spec", "run_pipeline"]
+__all__ = ["DriverFailed", "RunResult", "TaskFailed", "TaskRecord", "UnsupportedFeature", "parse_pipeline_spec",
+           "run_pipeline"]
 
 EXECUTORS = ("subprocess", "docker")
 _PASSTHROUGH_ENV = ("LANG", "LC_ALL", "TZ", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -90,13 +99,17 @@ class TaskFailed(RuntimeError):
         self.result, self.log = result, log_text
 
 
+class DriverFailed(TaskFailed):
+    """A task's driver failed (`driver` rules: input parameter types, OneOf resolution): its pod never started."""
+
+
 @dataclass
 class TaskRecord:
     name: str  # the task's key in its DAG (what KFP calls the task name)
     display_name: str  # taskInfo.name (set_display_name)
     path: str  # unique within the run, e.g. "for-loop-2[1]/embed"
     iteration: Optional[int]  # innermost ParallelFor index, None outside loops
-    status: str  # "executed" | "cached" | "imported" | "skipped"
+    status: str  # "executed" | "cached" | "imported" | "skipped" | "driver failed"
     bytes_downloaded: int = 0
     bytes_uploaded: int = 0
     seconds: float = 0.0
@@ -112,6 +125,8 @@ class RunResult:
     pipeline_name: str
     run_id: str
     pipeline_root: str
+    pipeline_root_source: str = "runtime config"  # or "kfp-launcher ConfigMap" / "KFP default" (driver.pipeline_root)
+    backend_version: str = driver.LATEST_BACKEND
     tasks: list[TaskRecord] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)  # pipeline outputs: {"parameters": ..., "artifacts": ...}
 
@@ -309,6 +324,12 @@ class _Sandbox:
 
 
 @dataclass
+class _Unresolved:
+    """A DAG output artifact the driver cannot resolve (`driver.oneof_artifact_selector`): fails its consumer."""
+    message: str
+
+
+@dataclass
 class _Scope:
     """One DAG execution: its inputs and the outputs of its finished tasks (None = skipped)."""
     params: dict[str, Any]
@@ -320,9 +341,10 @@ class _Scope:
 
 class _Run:
     def __init__(self, spec: pb.PipelineSpec, platform: Optional[pb.PlatformSpec], *, pipeline_root: str,
-                 executor: str, image: Optional[str], store: _Store, env: dict, secrets: dict, run_id: str,
-                 s3_endpoint: Optional[str], keep_sandboxes: bool):
+                 root_source: str, backend_version: str, executor: str, image: Optional[str], store: _Store,
+                 env: dict, secrets: dict, run_id: str, s3_endpoint: Optional[str], keep_sandboxes: bool):
         self.spec, self.executor, self.image, self.store = spec, executor, image, store
+        self.backend = backend_version
         self.env, self.secrets, self.keep = dict(env), secrets, keep_sandboxes
         self.pipeline = spec.pipeline_info.name
         self.executors = deployment_config(spec).executors
@@ -330,8 +352,9 @@ class _Run:
         if platform is not None and "kubernetes" in platform.platforms:
             self.k8s = {label: _struct(cfg) for label, cfg in
                         platform.platforms["kubernetes"].deployment_spec.executors.items()}
-        self.result = RunResult(self.pipeline, run_id, pipeline_root.rstrip("/"))
-        self.task_root = f"{self.result.pipeline_root}/{self.pipeline}/{run_id}"
+        self.result = RunResult(self.pipeline, run_id, pipeline_root.rstrip("/"), root_source, backend_version)
+        self.run_root = driver.run_root(pipeline_root, self.pipeline, run_id)  # the launcher's default bucket
+        self.task_root = self.run_root.partition("?")[0]  # output URIs never carry the root's query
         own = os.environ  # the launcher's object-store settings (a cluster's kfp-launcher config + secret)
         self.launcher_env = {shim.LAUNCHER_ENV_PREFIX + k: v for k, v in {
             "S3_ENDPOINT": s3_endpoint or own.get("AWS_ENDPOINT_URL", ""), "S3_REGION": own.get("AWS_REGION", ""),
@@ -429,17 +452,28 @@ class _Run:
         for name, spec in comp.dag.outputs.parameters.items():
             selectors = ([spec.value_from_parameter] if spec.HasField("value_from_parameter")
                          else list(spec.value_from_oneof.parameter_selectors))
-            for sel in selectors:  # OneOf: the first branch that ran
+            for sel in selectors:  # GetProducerTask, ValueFromOneof: the first branch that ran (every version)
                 produced = scope.tasks.get(sel.producer_subtask)
                 if produced is not None:
                     outs["parameters"][name] = produced["parameters"][sel.output_parameter_key]
                     break
         for name, spec in comp.dag.outputs.artifacts.items():
-            for sel in spec.artifact_selectors:
-                produced = scope.tasks.get(sel.producer_subtask)
-                if produced is not None:
-                    outs["artifacts"][name] = produced["artifacts"][sel.output_artifact_key]
-                    break
+            # resolved when a consumer's driver asks (the root DAG's outputs: never), so a failure is recorded here
+            # and raised there (_resolve_inputs)
+            ran = {t: out is not None for t, out in scope.tasks.items()}
+            try:
+                sel = driver.oneof_artifact_selector(name, spec.artifact_selectors, ran, self.backend)
+            except driver.DriverError as e:
+                outs["artifacts"][name] = _Unresolved(str(e))
+                continue
+            produced = scope.tasks.get(sel.producer_subtask)
+            if produced is None:  # a skipped branch: its DAG execution exists, the task inside it does not
+                inner = self.spec.components[comp.dag.tasks[sel.producer_subtask].component_ref.name]
+                sub = inner.dag.outputs.artifacts[sel.output_artifact_key].artifact_selectors[-1].producer_subtask \
+                    if inner.HasField("dag") else sel.producer_subtask
+                outs["artifacts"][name] = _Unresolved(f"subTaskName, {sub}, not in tasks")
+            else:
+                outs["artifacts"][name] = produced["artifacts"][sel.output_artifact_key]
         return outs
 
     @staticmethod
@@ -491,12 +525,30 @@ class _Run:
             if produced is None:
                 raise ValueError(f"{where}: input artifact {name!r} comes from skipped task {src.producer_task!r}")
             artifacts[name] = produced["artifacts"][src.output_artifact_key]
+        for name, value in artifacts.items():
+            if isinstance(value, _Unresolved):  # resolveInputArtifact -> resolveUpstreamArtifacts -> GetProducerTask
+                kind = "DAG" if self.spec.components[task.component_ref.name].HasField("dag") else "Container"
+                self._driver_failed(task, where, scope, driver.DriverError(
+                    f"driver.{kind}({where}) failed: failed to resolve inputs: failed to resolve input artifact "
+                    f"{name}: {value.message}"))
         return params, artifacts
+
+    def _driver_failed(self, task: pb.PipelineTaskSpec, where: str, scope: "_Scope", error: Exception):
+        self.result.tasks.append(TaskRecord(where.rsplit("/", 1)[-1], task.task_info.name, where, scope.iteration,
+                                            "driver failed"))
+        raise DriverFailed(str(error), self.result) from None
 
     def _run_task(self, tname: str, task: pb.PipelineTaskSpec, scope: _Scope) -> Optional[dict]:
         where = f"{scope.path}{tname}"
         comp = self.spec.components[task.component_ref.name]
         params, artifacts = self._resolve_inputs(task, scope, where)
+        executor = None if comp.HasField("dag") else self.executors[comp.executor_label]
+        if executor is None or executor.HasField("container"):  # the importer's driver checks no types
+            try:
+                params = driver.check_parameters("DAG" if executor is None else "Container", where, comp, task,
+                                                 params, iteration=False)
+            except driver.DriverError as e:
+                self._driver_failed(task, where, scope, e)
         if task.trigger_policy.condition:
             pv = dict(params)
             if not eval(_check_cel(task.trigger_policy.condition), {"__builtins__": {}},  # noqa: S307 (AST-checked)
@@ -509,15 +561,21 @@ class _Run:
             it = task.parameter_iterator
             items = json.loads(it.items.raw) if it.items.raw else params[it.items.input_parameter]
             items = _plain(json.loads(items) if isinstance(items, str) else items)
-            per_iteration = [self._run_dag(comp, _Scope(dict(params, **{it.item_input: item}), artifacts,
-                                                        f"{where}[{i}]/", i)) for i, item in enumerate(items)]
+            per_iteration = []
+            for i, item in enumerate(items):  # each iteration's DAG driver: the items input out, the item in
+                given = {k: v for k, v in params.items() if k != it.items.input_parameter}
+                try:
+                    given = driver.check_parameters("DAG", f"{where}[{i}]", comp, task,
+                                                    dict(given, **{it.item_input: item}), iteration=True)
+                except driver.DriverError as e:
+                    self._driver_failed(task, f"{where}[{i}]", _Scope({}, {}, scope.path, i), e)
+                per_iteration.append(self._run_dag(comp, _Scope(given, artifacts, f"{where}[{i}]/", i)))
             collected = {"parameters": {}, "artifacts": {}}
             for name in comp.output_definitions.parameters:
                 collected["parameters"][name] = [o["parameters"].get(name) for o in per_iteration]
             for name in comp.output_definitions.artifacts:
                 collected["artifacts"][name] = [a for o in per_iteration for a in o["artifacts"].get(name, [])]
             return collected
-        executor = self.executors[comp.executor_label]
         if executor.HasField("importer"):
             return self._import(tname, task, executor.importer, params, where, scope.iteration)
         return self._container(tname, task, comp, executor.container, params, artifacts, where, scope.iteration)
@@ -579,9 +637,6 @@ class _Run:
 
     def _container(self, tname, task, comp, container, params, artifacts, where, iteration) -> dict:
         record = TaskRecord(tname, task.task_info.name, where, iteration, "executed")
-        for name, d in comp.input_definitions.parameters.items():
-            if name not in params and not d.is_optional and not d.HasField("default_value"):
-                raise ValueError(f"{where}: required input parameter {name!r} is unset")
         task_root = f"{self.task_root}/{tname}/{uuid.uuid4()}"
         outputs = {"artifacts": {n: {"artifacts": [{"name": n, "uri": f"{task_root}/{n}",
                                                     "type": _type_dict(d.artifact_type),
@@ -656,7 +711,8 @@ class _Run:
         }
         command = [self._substitute(s, executor_input, root) for s in [*container.command, *container.args]]
         launch = {"mount_root": root, "command": command, "output_file": executor_input["outputs"]["outputFile"],
-                  "downloads": [{"uri": a["uri"]} for lst in inputs["artifacts"].values() for a in lst],
+                  "downloads": [{"name": n, "uri": a["uri"]} for n, lst in inputs["artifacts"].items() for a in lst],
+                  "run_root": self.run_root,
                   "output_artifacts": {n: lst["artifacts"][0] for n, lst in outputs["artifacts"].items()},
                   "output_parameter_files": param_files}
         return box.run(launch, dict(env, **self.launcher_env))
@@ -691,6 +747,8 @@ def run_pipeline(
     package_path: str | os.PathLike,
     *,
     pipeline_root: Optional[str] = None,
+    launcher_config: Optional[dict[str, str]] = None,
+    backend_version: str = driver.LATEST_BACKEND,
     arguments: Optional[dict] = None,
     executor: str = "subprocess",
     image: Optional[str] = None,
@@ -703,7 +761,10 @@ def run_pipeline(
 ) -> RunResult:
     """Execute the compiled pipeline at `package_path`; see the module docstring for the contract.
 
-    pipeline_root: ``s3://bucket/prefix`` (default: the spec's ``defaultPipelineRoot``). executor: ``subprocess``
+    pipeline_root: the run's runtime config ``pipeline_root`` (``s3://bucket/prefix``); without it the
+    ``defaultPipelineRoot`` of `launcher_config` (the ``kfp-launcher`` ConfigMap's data), else KFP's
+    ``minio://mlpipeline/v2/artifacts`` (`driver.pipeline_root`); never the spec's ``defaultPipelineRoot``.
+    backend_version: the KFP backend whose version-dependent driver rules apply (`driver`). executor: ``subprocess``
     or ``docker`` (then `image` runs every task; the IR's image still enters the cache key). cache_path: JSON file
     of artifact ids and cached executions (None: in memory, caching only within this run). env: environment every
     task gets (what a cluster would inject, e.g. ``AWS_ENDPOINT_URL``); secrets: ``{secret name: {key: value}}``
@@ -716,11 +777,11 @@ def run_pipeline(
     if executor == "docker" and not image:
         raise ValueError("the docker executor needs an image")
     spec, platform = parse_pipeline_spec(package_path)
-    root = pipeline_root or spec.default_pipeline_root
-    if not root:
-        raise ValueError("no pipeline root: pass pipeline_root (the spec has no defaultPipelineRoot)")
-    shim.split_uri(root.rstrip("/") + "/x")
-    run = _Run(spec, platform, pipeline_root=root, executor=executor, image=image, store=_Store(cache_path),
+    driver.parse_version(backend_version)
+    root, source = driver.pipeline_root(pipeline_root, launcher_config)
+    shim.split_uri(root.partition("?")[0].rstrip("/") + "/x")
+    run = _Run(spec, platform, pipeline_root=root, root_source=source, backend_version=backend_version,
+               executor=executor, image=image, store=_Store(cache_path),
                env=env or {}, secrets=secrets or {}, run_id=run_id or uuid.uuid4().hex[:12],
                s3_endpoint=s3_endpoint, keep_sandboxes=keep_sandboxes)
     run.validate()

@@ -5,7 +5,11 @@ Run as ``python3 shim.py LAUNCH.json`` in the task's container (or sandbox). Sta
 ``uploadOutputArtifacts``):
 
 1. download every input artifact (every artifact of a list, so ``Collected`` inputs too) from its URI to its local
-   path: a single object to a file, or every object under ``<key>/`` to the same relative path under a directory;
+   path: a single object to a file, or every object under ``<key>/`` to the same relative path under a directory.
+   Object-store sessions as ``downloadArtifacts`` / ``fetchNonDefaultBuckets`` open them: the default bucket is the
+   run's root ``<pipeline root>/<pipeline name>/<run id>``; an artifact outside it needs a session for its bucket,
+   and such sessions are opened only for the *first* artifact of each input list, so a later artifact of a list
+   outside the run's root whose bucket no first artifact opened fails the task before its command starts;
 2. create the parent directories of the output artifacts' local paths, output parameter files and the executor
    output file;
 3. run the already-substituted command with the user environment (the launcher's own ``KFP_LAUNCHER_*`` object-store
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +38,9 @@ LAUNCHER_ENV_PREFIX = "KFP_LAUNCHER_"
 MOUNT_ROOT_ENV = "KFP_RUNNER_MOUNT_ROOT"
 _SCHEMES = {"s3://": "/s3/", "minio://": "/minio/"}
 _CHUNK = 8 << 20
+# objectstore/config.go bucketPattern and the schemes ParseBucketPathToConfig accepts
+_BUCKET_PATTERN = re.compile(r"(^[a-z][a-z0-9]+:///?)([^/?]+)(/[^?]*)?(\?.+)?$")
+_BUCKET_SCHEMES = ("gs://", "s3://", "minio://", "mem://")
 
 # Loaded by every Python process of a sandboxed task (PYTHONPATH): the kfp SDK derives `Artifact.path` from the URI
 # with fixed prefixes (/s3/, /minio/, /gcs/); rebase them under the sandbox so the SDK sees the launcher's copies.
@@ -63,6 +72,40 @@ def split_uri(uri: str) -> tuple[str, str, str]:
 def local_path_for_uri(uri: str, mount_root: str = "") -> str:
     scheme, bucket, key = split_uri(uri)
     return mount_root + _SCHEMES[scheme] + bucket + ("/" + key if key else "")
+
+
+class LauncherError(RuntimeError):
+    """The launcher fails the task before its command runs."""
+
+
+def prefixed_bucket(path: str, with_prefix: bool = True) -> str:
+    """``Config.PrefixedBucket()`` of ``ParseBucketPathToConfig(path)`` (scheme + bucket + prefix, path-cleaned), or
+    with `with_prefix` False of ``ParseBucketConfigForArtifactURI(path)`` (scheme + bucket: the session key)."""
+    m = _BUCKET_PATTERN.match(path)
+    if not m or m.group(1) not in _BUCKET_SCHEMES:
+        raise LauncherError(f"parse bucket config failed: unsupported Cloud bucket: {path!r}")
+    scheme, bucket, prefix = m.group(1), m.group(2), (m.group(3) or "").lstrip("/") if with_prefix else ""
+    return scheme + posixpath.normpath(posixpath.join(bucket, prefix))
+
+
+def bucket_sessions(downloads: list[dict], default_bucket: str) -> set[str]:
+    """``fetchNonDefaultBuckets``: the session keys opened besides the default bucket's, one per input list, from
+    the list's first artifact only."""
+    first: dict[str, str] = {}
+    for item in downloads:
+        first.setdefault(item["name"], item["uri"])
+    return {prefixed_bucket(uri, with_prefix=False) for uri in first.values()
+            if not uri.startswith("oci://") and not uri.startswith(default_bucket)}
+
+
+def check_bucket(name: str, uri: str, default_bucket: str, sessions: set[str]) -> None:
+    """``downloadArtifacts``: an artifact outside the default bucket needs an opened session for its bucket."""
+    if uri.startswith(default_bucket):
+        return
+    key = prefixed_bucket(uri, with_prefix=False)
+    if key not in sessions:  # Go formats the nil error it wraps with %w as %!w(<nil>)
+        raise LauncherError(f"failed to get bucket when downloading input artifact {name} with bucket key {key}: "
+                            "%!w(<nil>)")
 
 
 def _filesystem():
@@ -150,8 +193,18 @@ def main(spec_path: str) -> int:
     result = {"bytes_downloaded": 0, "bytes_uploaded": 0}
 
     t0 = time.monotonic()
-    for item in spec["downloads"]:
-        result["bytes_downloaded"] += download(pafs, fs, item["uri"], local_path_for_uri(item["uri"], root))
+    default_bucket = prefixed_bucket(spec["run_root"])
+    try:
+        sessions = bucket_sessions(spec["downloads"], default_bucket)
+        for item in spec["downloads"]:
+            check_bucket(item["name"], item["uri"], default_bucket, sessions)
+            result["bytes_downloaded"] += download(pafs, fs, item["uri"], local_path_for_uri(item["uri"], root))
+    except LauncherError as exc:
+        print(f"[launcher] failed to execute component: {exc}", file=sys.stderr, flush=True)
+        result.update(returncode=1, launcher_error=str(exc), seconds_download=time.monotonic() - t0,
+                      executor_output={}, parameter_texts={}, output_artifacts={}, seconds_upload=0.0)
+        print("\n" + RESULT_MARKER + json.dumps(result), flush=True)
+        return 0
     outputs = spec["output_artifacts"]  # name -> runtime artifact (uri, metadata, ...)
     dirs = [os.path.dirname(local_path_for_uri(a["uri"], root)) for a in outputs.values()]
     dirs += [os.path.dirname(p) for p in spec["output_parameter_files"].values()]
