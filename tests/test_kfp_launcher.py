@@ -11,8 +11,11 @@ import yaml
 from google.protobuf import json_format
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input, Output
+from kfp.pipeline_spec import pipeline_spec_pb2 as pb
 
-from kfp_launcher import TaskFailed, UnsupportedFeature, parse_pipeline_spec, run_pipeline
+from kfp_launcher import (DriverError, DriverFailed, TaskFailed, UnsupportedFeature, parse_pipeline_spec, run_pipeline,
+                          type_flow_problems)
+from kfp_launcher.driver import check_parameters
 from s3_server import s3_env  # noqa: F401  (fixture)
 
 boto3 = pytest.importorskip("boto3")
@@ -313,3 +316,200 @@ def test_docker_executor_runs_each_task_in_its_own_container(s3_env, tmp_path):
     assert facts["path_prefix"] == "/s3/" and not facts["stray"] and not facts["home_leak"]
     assert facts["uid"] == 1000 and facts["root_fs_writable"] is False and facts["launcher_env"] == []
     assert next(t for t in result.tasks if t.name == "consume").bytes_downloaded == len("in-a-box") + 600
+
+
+# ------------------------------------------------------------------------------------------------ the driver's rules
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def plan_untyped(n: int) -> list:
+    return [{"i": i, "name": f"block{i}"} for i in range(n)]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def echo(text: str) -> str:
+    return text
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def work_struct(block: dict) -> str:
+    return block["name"]
+
+
+@dsl.pipeline(name="untyped-loop")
+def untyped_loop(n: int = 2):
+    p = plan_untyped(n=n)
+    with dsl.ParallelFor(p.output) as block:  # the SDK types the item STRING after the bare `list`
+        echo(text=block)
+        work_struct(block=block)
+
+
+def test_driver_turns_a_string_typed_loop_item_into_text_and_refuses_it_for_a_struct_input(s3_env, tmp_path):
+    """resolve.go handleParamTypeValidationAndConversion: the iteration's STRING item becomes JSON text, which a
+    STRING input takes and a STRUCT input refuses; the pod of that task never starts, the run fails."""
+    package = _compile(untyped_loop, tmp_path)
+    spec, _ = parse_pipeline_spec(package)
+    (problem,) = type_flow_problems(spec)
+    assert "work-struct: input 'block' (STRUCT)" in problem
+    assert type_flow_problems(parse_pipeline_spec(_compile(fanout, tmp_path))[0]) == []  # List[dict]: STRUCT items
+    with pytest.raises(DriverFailed) as failed:
+        run_pipeline(package, pipeline_root=s3_env.new_prefix("root"))
+    assert str(failed.value) == ('driver.Container(for-loop-1[0]/work-struct) failed: failed to resolve inputs: '
+                                 'input parameter "block" type mismatch: expect STRUCT, got string')
+    tasks = failed.value.result.tasks
+    assert [(t.path, t.status) for t in tasks] == [("plan-untyped", "executed"), ("for-loop-1[0]/echo", "executed"),
+                                                   ("for-loop-1[0]/work-struct", "driver failed")]
+    assert tasks[1].parameters == {"Output": '{"i":0,"name":"block0"}'}  # the dict as JSON text
+
+
+def _parameter(ptype: str, **kw) -> pb.ComponentInputsSpec.ParameterSpec:
+    return pb.ComponentInputsSpec.ParameterSpec(parameter_type=pb.ParameterType.ParameterTypeEnum.Value(ptype), **kw)
+
+
+def test_driver_parameter_conversions_and_messages():
+    comp = pb.ComponentSpec()
+    for name, ptype in (("s", "STRING"), ("n", "NUMBER_INTEGER"), ("d", "NUMBER_DOUBLE"), ("b", "BOOLEAN"),
+                        ("l", "LIST"), ("m", "STRUCT")):
+        comp.input_definitions.parameters[name].CopyFrom(_parameter(ptype))
+    task = pb.PipelineTaskSpec()
+    ok = {"n": 2, "d": 2, "b": True, "l": [1], "m": {}}
+    for value, text in ((3, "3"), (0.5, "0.5"), (1e21, "1000000000000000000000"), (True, "true"), ([1, "a"], '[1,"a"]'),
+                        ({"k": [1]}, '{"k":[1]}'), ("x", "x")):
+        assert check_parameters("Container", "t", comp, task, dict(ok, s=value))["s"] == text  # PbValueToText
+    for name, value, got in (("n", "2", "string"), ("m", [1], "list"), ("l", {}, "struct"), ("b", 1, "number"),
+                             ("d", False, "bool")):
+        with pytest.raises(DriverError, match=f'^driver.Container\\(t\\) failed: failed to resolve inputs: input '
+                                              f'parameter "{name}" type mismatch: expect '
+                                              f'{pb.ParameterType.ParameterTypeEnum.Name(comp.input_definitions.parameters[name].parameter_type)}'
+                                              f', got {got}$'):
+            check_parameters("Container", "t", comp, task, dict(ok, s="x", **{name: value}))
+    with pytest.raises(DriverError, match='neither value nor default value provided for non-optional parameter "s"'):
+        check_parameters("Container", "t", comp, task, ok)
+    comp.input_definitions.parameters["s"].is_optional = True
+    assert "s" not in check_parameters("Container", "t", comp, task, ok)  # the launcher adds the default
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def blocks(first: str, n: int = 2) -> List[dict]:
+    return [{"i": i, "tag": first if i == 0 else "same"} for i in range(n)]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def part(block: dict, out: Output[Artifact]) -> str:
+    with open(out.path, "w") as f:
+        f.write(f"{block['i']}:{block['tag']}")
+    return out.uri
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def gather_pointers(pointers: List[str]) -> str:
+    return ",".join(p.rsplit("/", 3)[-3] for p in pointers)  # the producing task's uuid
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def merge_parts(parts: List[Artifact]) -> str:
+    return ",".join(open(p.path).read() for p in parts)
+
+
+@dsl.pipeline(name="mixed-runs")
+def mixed_runs(first: str = "a"):
+    b = blocks(first=first)
+    with dsl.ParallelFor(b.output) as block:
+        p = part(block=block)
+    gather_pointers(pointers=dsl.Collected(p.outputs["Output"]))  # runs before merge-parts (task order by name)
+    merge_parts(parts=dsl.Collected(p.outputs["out"]))
+
+
+@pytest.mark.slow  # 9 task runs: about 10 s on a quiet 2-core machine
+def test_launcher_opens_extra_buckets_from_the_first_artifact_of_a_list_only(s3_env, tmp_path):
+    """launcher_v2.go fetchNonDefaultBuckets / downloadArtifacts: block 0 reruns, block 1 is a cache hit from the
+    first run. A collected artifact list [this run's, an earlier run's] fails before the command starts; the same
+    outputs passed as parameters arrive."""
+    package, cache = _compile(mixed_runs, tmp_path), str(tmp_path / "cache.json")
+    root = s3_env.new_prefix("root")
+    first = run_pipeline(package, pipeline_root=root, arguments={"first": "a"}, cache_path=cache)
+    assert next(t for t in first.tasks if t.name == "merge-parts").parameters["Output"] == "0:a,1:same"
+    with pytest.raises(TaskFailed) as failed:
+        run_pipeline(package, pipeline_root=root, arguments={"first": "b"}, cache_path=cache)
+    status = {t.path: t.status for t in failed.value.result.tasks}
+    assert (status["for-loop-1[0]/part"], status["for-loop-1[1]/part"]) == ("executed", "cached")
+    assert status["gather-pointers"] == "executed" and status["merge-parts"] == "executed"  # ran, failed
+    assert (f"failed to execute component: failed to get bucket when downloading input artifact parts with bucket key "
+            f"s3://{s3_env.bucket}: %!w(<nil>)") in str(failed.value)
+    assert "Traceback" not in failed.value.log  # the launcher failed; the command never started
+    assert failed.value.result.tasks[-1].bytes_downloaded == len("0:b")  # the first artifact only, then the error
+
+
+def test_bucket_sessions_follow_the_first_artifact_of_each_list():
+    from kfp_launcher.shim import LauncherError, bucket_sessions, check_bucket, prefixed_bucket
+
+    run = prefixed_bucket("s3://b/root/pipe/run2")
+    assert run == "s3://b/root/pipe/run2" and prefixed_bucket("minio://b/x/") == "minio://b/x"
+    assert prefixed_bucket("s3://b/root/pipe/run2/t/u/o", with_prefix=False) == "s3://b"
+    new, old = "s3://b/root/pipe/run2/t/u/o", "s3://b/root/pipe/run1/t/u/o"
+    for order, fails in (([new, old], True), ([old, new], False), ([old, old], False), ([new, new], False)):
+        downloads = [{"name": "parts", "uri": u} for u in order]
+        sessions = bucket_sessions(downloads, run)
+        if fails:
+            with pytest.raises(LauncherError, match="bucket key s3://b"):
+                for d in downloads:
+                    check_bucket(d["name"], d["uri"], run, sessions)
+        else:
+            for d in downloads:
+                check_bucket(d["name"], d["uri"], run, sessions)
+    # another input whose first artifact lies outside the run opens the bucket for every list
+    downloads = [{"name": "parts", "uri": new}, {"name": "parts", "uri": old}, {"name": "model", "uri": "s3://b/m"}]
+    assert bucket_sessions(downloads, run) == {"s3://b"}
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def stamp(tag: str, out: Output[Artifact]):
+    with open(out.path, "w") as f:
+        f.write(tag)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def read_stamp(src: Input[Artifact]) -> str:
+    return open(src.path).read()
+
+
+@dsl.pipeline(name="branches")
+def branches(mode: str = "first"):
+    with dsl.If(mode == "first"):
+        a = stamp(tag="from-first")
+    with dsl.Else():
+        b = stamp(tag="from-second")
+    read_stamp(src=dsl.OneOf(a.outputs["out"], b.outputs["out"]))
+
+
+def test_oneof_of_artifacts_follows_the_backend_version(s3_env, tmp_path):
+    """resolve.go GetProducerTask: 2.17 takes the branch that ran; 2.16 and older always took the last selector,
+    so a run whose first branch ran fails in the consumer's driver."""
+    package, root = _compile(branches, tmp_path), s3_env.new_prefix("root")
+    result = run_pipeline(package, pipeline_root=root, arguments={"mode": "first"})
+    assert next(t for t in result.tasks if t.name == "read-stamp").parameters["Output"] == "from-first"
+    result = run_pipeline(package, pipeline_root=root, arguments={"mode": "second"}, backend_version="2.16.1")
+    assert next(t for t in result.tasks if t.name == "read-stamp").parameters["Output"] == "from-second"  # last
+    with pytest.raises(DriverFailed, match=r"driver.Container\(read-stamp\) failed: failed to resolve inputs: failed "
+                                           r"to resolve input artifact src: subTaskName, stamp-2, not in tasks"):
+        run_pipeline(package, pipeline_root=root, arguments={"mode": "first"}, backend_version="2.16.1")
+
+
+@dsl.pipeline(name="rooted", pipeline_root="s3://lgff-test/compiled-root-never-used")
+def rooted():
+    make(text="x")
+
+
+def test_pipeline_root_comes_from_the_run_then_the_launcher_configmap_then_kfp_default(s3_env, tmp_path):
+    """root_dag.go RootDAG + config/env.go DefaultPipelineRoot: never the spec's defaultPipelineRoot."""
+    package = _compile(rooted, tmp_path)
+    assert parse_pipeline_spec(package)[0].default_pipeline_root.endswith("compiled-root-never-used")
+    run_root, cm_root = s3_env.new_prefix("run-root"), s3_env.new_prefix("configmap-root")
+    boto3.client("s3", endpoint_url=s3_env.endpoint).create_bucket(Bucket="mlpipeline")
+    for kwargs, root, source in (
+            ({"pipeline_root": run_root, "launcher_config": {"defaultPipelineRoot": cm_root}}, run_root,
+             "runtime config"),
+            ({"launcher_config": {"defaultPipelineRoot": cm_root}}, cm_root, "kfp-launcher ConfigMap"),
+            ({"launcher_config": {}}, "minio://mlpipeline/v2/artifacts", "KFP default")):
+        result = run_pipeline(package, **kwargs)
+        assert (result.pipeline_root, result.pipeline_root_source) == (root, source)
+        assert result.tasks[0].outputs["out"][0]["uri"].startswith(f"{root}/rooted/{result.run_id}/make/")

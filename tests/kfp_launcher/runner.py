@@ -574,7 +574,9 @@ class _Run:
             for name in comp.output_definitions.parameters:
                 collected["parameters"][name] = [o["parameters"].get(name) for o in per_iteration]
             for name in comp.output_definitions.artifacts:
-                collected["artifacts"][name] = [a for o in per_iteration for a in o["artifacts"].get(name, [])]
+                lists = [o["artifacts"].get(name, []) for o in per_iteration]
+                bad = next((lst for lst in lists if isinstance(lst, _Unresolved)), None)
+                collected["artifacts"][name] = bad or [a for lst in lists for a in lst]
             return collected
         if executor.HasField("importer"):
             return self._import(tname, task, executor.importer, params, where, scope.iteration)
