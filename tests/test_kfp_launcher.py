@@ -419,7 +419,6 @@ def mixed_runs(first: str = "a"):
     merge_parts(parts=dsl.Collected(p.outputs["out"]))
 
 
-@pytest.mark.slow  # 9 task runs: about 10 s on a quiet 2-core machine
 def test_launcher_opens_extra_buckets_from_the_first_artifact_of_a_list_only(s3_env, tmp_path):
     """launcher_v2.go fetchNonDefaultBuckets / downloadArtifacts: block 0 reruns, block 1 is a cache hit from the
     first run. A collected artifact list [this run's, an earlier run's] fails before the command starts; the same
