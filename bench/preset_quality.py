@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lgff_core import metrics  # noqa: E402
+from lgff_core.evaluate import metrics  # noqa: E402
 from lgff_core.config import load_config  # noqa: E402
 from lgff_core.data.shards import read_manifest  # noqa: E402
 from lgff_core.data.transforms import eval_transform  # noqa: E402

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lgff_core import metrics  # noqa: E402
+from lgff_core.evaluate import metrics  # noqa: E402
 from lgff_core.config import CONFIG_DIR, load_config  # noqa: E402
 from lgff_core.data.transforms import eval_transform  # noqa: E402
 from lgff_core.train import train_stage  # noqa: E402
